@@ -1,0 +1,1 @@
+"""Triton kernels (installed as ``fastmaml.kernels``). Importing a submodule imports triton."""

@@ -1,0 +1,26 @@
+"""fastmaml: batched, differentiable kernels for optimization-based meta-learning.
+
+Every op has a pure-PyTorch reference (``fastmaml.reference``) and fast backends (C++ CPU, CUDA,
+Triton) chosen by one selector (``fastmaml.backend``). All ops take a batch of T tasks: tensors
+carry a leading task dimension ``[T, ...]``.
+"""
+import torch  # noqa: F401  (the compiled module links libc10: torch must be imported first)
+
+from . import backend
+from ._extension import HAS_NATIVE, build_info
+from .inner_update import fd_combine, fd_perturb, fd_step_size, inner_sgd_step
+from .ops.multi_tensor import task_axpby, task_dot
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HAS_NATIVE",
+    "backend",
+    "build_info",
+    "fd_combine",
+    "fd_perturb",
+    "fd_step_size",
+    "inner_sgd_step",
+    "task_axpby",
+    "task_dot",
+]

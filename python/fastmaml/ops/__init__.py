@@ -1,0 +1,1 @@
+"""Public ops with input checks, backend dispatch and autograd."""

@@ -1,0 +1,268 @@
+"""The multi-tensor task ops: one call updates or reduces every tensor of every task.
+
+``task_axpby``: ``out_i[t] = x_scale[t] * x_i[t] - alpha_i * y_scale[t] * y_i[t]``
+``task_dot``:   ``out[t] = sum_i <a_i[t], b_i[t]>``
+
+They are the arithmetic under the inner-loop update, the finite-difference HVP and batched
+conjugate gradient. Backward passes are written with the same ops (and plain torch ops), so every
+derivative is itself differentiable: second order comes for free.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .. import _validation as V
+from ..backend import resolve_backend
+from ..reference.multi_tensor import _per_task, task_axpby_reference, task_dot_reference
+
+StepSizes = Union[float, Tensor, Sequence[Union[float, Tensor]]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward formulas, shared by every non-reference backend (the reference is plain autograd).
+# ----------------------------------------------------------------------------------------------
+def _axpby_setup_context(ctx, inputs, output):
+    x, y, alpha, x_scale, y_scale = inputs
+    n = len(x)
+    ctx.n = n
+    ctx.has_xs = x_scale is not None
+    ctx.has_ys = y_scale is not None
+    ctx.x_needs = any(t.requires_grad for t in x)
+    ctx.x_scale_needs = x_scale is not None and x_scale.requires_grad
+    # x is only needed for d/dx_scale; skip keeping it alive otherwise.
+    saved_x = list(x) if ctx.x_scale_needs else []
+    ctx.n_saved_x = len(saved_x)
+    extra = [s for s in (x_scale, y_scale) if s is not None]
+    ctx.save_for_backward(*saved_x, *y, *alpha, *extra)
+
+
+def _axpby_backward(ctx, grads):
+    n = ctx.n
+    saved = ctx.saved_tensors
+    x = saved[: ctx.n_saved_x]
+    y = saved[ctx.n_saved_x : ctx.n_saved_x + n]
+    alpha = saved[ctx.n_saved_x + n : ctx.n_saved_x + 2 * n]
+    rest = list(saved[ctx.n_saved_x + 2 * n :])
+    x_scale = rest.pop(0) if ctx.has_xs else None
+    y_scale = rest.pop(0) if ctx.has_ys else None
+    grads = [g if g is not None else torch.zeros_like(yi) for g, yi in zip(grads, y)]
+    need_x, need_y, need_alpha, need_xs, need_ys = ctx.needs_input_grad
+
+    grad_x = grad_y = grad_alpha = grad_xs = grad_ys = None
+    if need_x:
+        if x_scale is None:
+            grad_x = list(grads)  # identity: no copy
+        else:
+            zero = [grads[0].new_zeros(())] * n
+            grad_x = task_axpby(grads, grads, zero, x_scale=x_scale, check_finite=False)
+    if need_y:
+        # -alpha * y_scale * g in one fused pass (x = y = g, x_scale = 0).
+        zeros = grads[0].new_zeros(grads[0].shape[0])
+        grad_y = task_axpby(grads, grads, list(alpha), x_scale=zeros, y_scale=y_scale, check_finite=False)
+    if need_alpha:
+        grad_alpha = []
+        for g, yi, ai in zip(grads, y, alpha):
+            prod = g * yi if y_scale is None else _per_task(y_scale, g) * g * yi
+            red = prod.sum() if ai.numel() == 1 else prod.sum(0)
+            grad_alpha.append(-red.reshape(ai.shape))
+    if need_xs:
+        grad_xs = task_dot(grads, list(x))
+    if need_ys:
+        scaled_y = [(ai.reshape(()) if ai.numel() == 1 else ai.reshape(yi.shape[1:])) * yi for ai, yi in zip(alpha, y)]
+        grad_ys = -task_dot(grads, scaled_y)
+    return grad_x, grad_y, grad_alpha, grad_xs, grad_ys
+
+
+def _dot_setup_context(ctx, inputs, output):
+    a, b = inputs
+    ctx.n = len(a)
+    ctx.save_for_backward(*a, *b)
+
+
+def _dot_backward(ctx, grad_out):
+    saved = ctx.saved_tensors
+    a, b = saved[: ctx.n], saved[ctx.n :]
+    need_a, need_b = ctx.needs_input_grad
+    grad_a = [_per_task(grad_out, bi) * bi for bi in b] if need_a else None
+    grad_b = [_per_task(grad_out, ai) * ai for ai in a] if need_b else None
+    return grad_a, grad_b
+
+
+def _register_native_autograd():
+    from .._extension import HAS_NATIVE
+
+    if not HAS_NATIVE:
+        return
+    torch.library.register_autograd("fastmaml::task_axpby", _axpby_backward, setup_context=_axpby_setup_context)
+    torch.library.register_autograd("fastmaml::task_dot", _dot_backward, setup_context=_dot_setup_context)
+
+    @torch.library.register_fake("fastmaml::task_axpby")
+    def _(x, y, alpha, x_scale, y_scale):
+        return [torch.empty_like(t) for t in x]
+
+    @torch.library.register_fake("fastmaml::task_dot")
+    def _(a, b):
+        return a[0].new_empty(a[0].shape[0])
+
+
+_register_native_autograd()
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton ops (custom ops defined in Python, so autograd attaches the same way).
+# ----------------------------------------------------------------------------------------------
+_triton_ops = None
+
+
+def _get_triton_ops():
+    global _triton_ops
+    if _triton_ops is None:
+        from ..kernels import multi_tensor as K
+
+        @torch.library.custom_op("fastmaml::task_axpby_triton", mutates_args=())
+        def task_axpby_triton(
+            x: list[Tensor], y: list[Tensor], alpha: list[Tensor], x_scale: Optional[Tensor], y_scale: Optional[Tensor]
+        ) -> list[Tensor]:
+            return K.task_axpby_triton(x, y, alpha, x_scale, y_scale)
+
+        @task_axpby_triton.register_fake
+        def _(x, y, alpha, x_scale, y_scale):
+            return [torch.empty_like(t) for t in x]
+
+        @torch.library.custom_op("fastmaml::task_dot_triton", mutates_args=())
+        def task_dot_triton(a: list[Tensor], b: list[Tensor]) -> Tensor:
+            return K.task_dot_triton(a, b)
+
+        @task_dot_triton.register_fake
+        def _(a, b):
+            return a[0].new_empty(a[0].shape[0])
+
+        task_axpby_triton.register_autograd(_axpby_backward, setup_context=_axpby_setup_context)
+        task_dot_triton.register_autograd(_dot_backward, setup_context=_dot_setup_context)
+        _triton_ops = (task_axpby_triton, task_dot_triton)
+    return _triton_ops
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points.
+# ----------------------------------------------------------------------------------------------
+def _normalize_alpha(alpha: StepSizes, x: Sequence[Tensor], check_finite: bool) -> list[Tensor]:
+    """Turn a step size spec into one tensor per x_i: 1 element, or x_i.shape[1:]."""
+    n, like = len(x), x[0]
+    if isinstance(alpha, (list, tuple)):
+        if len(alpha) != n:
+            raise ValueError(f"alpha must have one entry per tensor: expected {n}, got {len(alpha)}")
+        items = list(alpha)
+    else:
+        items = [alpha] * n
+    out, cache = [], {}
+    for i, a in enumerate(items):
+        if isinstance(a, bool) or not isinstance(a, (int, float, Tensor)):
+            raise TypeError(f"alpha[{i}] must be a float or a tensor, got {type(a).__name__}")
+        if not isinstance(a, Tensor):
+            if check_finite and not torch.isfinite(torch.tensor(float(a))):
+                raise ValueError(f"alpha[{i}] must be finite, got {a}")
+            key = float(a)
+            if key not in cache:
+                cache[key] = torch.tensor(key, dtype=like.dtype, device=like.device)
+            out.append(cache[key])
+            continue
+        inner = tuple(x[i].shape[1:])
+        if a.numel() != 1 and tuple(a.shape) != inner:
+            raise ValueError(
+                f"alpha[{i}] has shape {tuple(a.shape)}; expected a scalar or the parameter shape without "
+                f"the task dimension {inner}"
+            )
+        if a.dtype != like.dtype or a.device != like.device:
+            raise TypeError(f"alpha[{i}] is {a.dtype} on {a.device}, expected {like.dtype} on {like.device}")
+        if check_finite:
+            V.check_finite(a, f"alpha[{i}]")
+        out.append(a if a.is_contiguous() else a.contiguous())
+    return out
+
+
+def _contiguous(ts: Sequence[Tensor]) -> list[Tensor]:
+    return [t if t.is_contiguous() else t.contiguous() for t in ts]
+
+
+def task_axpby(
+    x: Sequence[Tensor],
+    y: Sequence[Tensor],
+    alpha: StepSizes,
+    x_scale: Optional[Tensor] = None,
+    y_scale: Optional[Tensor] = None,
+    *,
+    backend: str = "auto",
+    check_finite: bool = True,
+) -> list[Tensor]:
+    """Fused multi-tensor ``out_i[t] = x_scale[t] * x_i[t] - alpha_i * y_scale[t] * y_i[t]``.
+
+    One pass over all tensors of all tasks (one kernel launch on GPU).
+
+    Args:
+        x: tensors ``[T, ...]``, one floating dtype and device.
+        y: tensors shaped like ``x``.
+        alpha: a float, a scalar tensor, or a list with one entry per tensor, each a float, a
+            scalar tensor or a tensor shaped ``x_i.shape[1:]`` (per element, shared by the tasks).
+        x_scale: optional ``[T]`` per-task factor on ``x`` (1 if omitted).
+        y_scale: optional ``[T]`` per-task factor on ``y`` (1 if omitted).
+        backend: ``"auto" | "cpu" | "cuda" | "triton" | "reference"``.
+        check_finite: reject non-finite step sizes (costs a device sync for tensor step sizes).
+
+    Returns:
+        A list of new tensors shaped like ``x``. Differentiable in every tensor input, to any order.
+
+    Example:
+        >>> theta = [torch.randn(4, 3, 5), torch.randn(4, 5)]
+        >>> grads = [torch.randn_like(t) for t in theta]
+        >>> phi = task_axpby(theta, grads, 0.1)  # theta - 0.1 * grads
+    """
+    x = V.check_tensor_list(x, "x")
+    y = V.check_tensor_list(y, "y")
+    V.check_same_length(x=x, y=y)
+    num_tasks = V.check_task_tensors(x, "x")
+    V.check_task_tensors(y, "y", like=x)
+    alpha = _normalize_alpha(alpha, x, check_finite)
+    if x_scale is not None:
+        x_scale = V.check_task_vector(x_scale, "x_scale", num_tasks, x[0]).contiguous()
+    if y_scale is not None:
+        y_scale = V.check_task_vector(y_scale, "y_scale", num_tasks, x[0]).contiguous()
+    chosen = resolve_backend(x[0].device, backend)
+    if chosen == "reference":
+        return task_axpby_reference(x, y, alpha, x_scale, y_scale)
+    x, y = _contiguous(x), _contiguous(y)
+    if chosen == "triton":
+        return list(_get_triton_ops()[0](x, y, alpha, x_scale, y_scale))
+    return list(torch.ops.fastmaml.task_axpby(x, y, alpha, x_scale, y_scale))
+
+
+def task_dot(a: Sequence[Tensor], b: Sequence[Tensor], *, backend: str = "auto") -> Tensor:
+    """Per-task inner product over a list of tensors: ``out[t] = sum_i <a_i[t], b_i[t]>``.
+
+    Args:
+        a: tensors ``[T, ...]``.
+        b: tensors shaped like ``a``.
+        backend: ``"auto" | "cpu" | "cuda" | "triton" | "reference"``.
+
+    Returns:
+        ``[T]`` tensor in the inputs' dtype (accumulated in float64 on the native backends).
+
+    Example:
+        >>> g = [torch.randn(8, 10), torch.randn(8, 3, 3)]
+        >>> sq_norms = task_dot(g, g)  # [8]
+    """
+    a = V.check_tensor_list(a, "a")
+    b = V.check_tensor_list(b, "b")
+    V.check_same_length(a=a, b=b)
+    V.check_task_tensors(a, "a")
+    V.check_task_tensors(b, "b", like=a)
+    chosen = resolve_backend(a[0].device, backend)
+    if chosen == "reference":
+        return task_dot_reference(a, b)
+    a, b = _contiguous(a), _contiguous(b)
+    if chosen == "triton":
+        return _get_triton_ops()[1](a, b)
+    return torch.ops.fastmaml.task_dot(a, b)
