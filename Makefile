@@ -12,7 +12,7 @@ $(VENV)/.deps: requirements-dev.txt
 	touch $@
 
 install: $(VENV)/.deps
-	$(PY) -m pip install -q --no-build-isolation --no-deps .
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
 test: install
 	FASTMAML_REQUIRE_NATIVE=1 $(PY) -m pytest -q tests
