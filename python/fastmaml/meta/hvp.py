@@ -1,0 +1,217 @@
+"""Hessian-vector products of per-task losses, batched over tasks.
+
+A per-task loss ``L(params, fixed, *task_args) -> scalar`` (for a module: ``TaskModel.task_loss``)
+is differentiated with ``torch.func`` and batched with ``vmap`` over the leading task dimension of
+``params``, ``v`` and the task arguments; ``fixed`` tensors are shared by the tasks. Each mode
+returns ``H v`` restricted to ``params`` and, when ``fixed`` is not empty, the mixed block
+``d/dfixed (grad_params L . v)`` (what the meta-gradient of ANIL / CAVIA needs).
+
+Modes:
+
+* ``"forward_over_reverse"`` (exact): ``jvp`` of ``grad``; one forward and one reverse pass with
+  tangents, no graph of the gradient kept.
+* ``"reverse_over_reverse"`` (exact): ``vjp`` of ``grad`` (double backward).
+* ``"fd_forward"``: ``(g(x + r v) - g(x)) / r``; reuses a saved ``g(x)`` when given (one gradient).
+* ``"fd_central"``: ``(g(x + r v) - g(x - r v)) / (2 r)`` (two gradients).
+
+Error model of the finite differences (relative to ``||H v||``): for a smooth loss, truncation
+``~ r ||v|| L3 / (2 ||H||)`` (forward) or ``~ r^2 ||v||^2 L3 / (6 ||H||)`` (central), plus rounding
+``~ eps_eval ||g|| / (r ||H v||)`` with ``eps_eval`` the machine epsilon of the dtype in which the
+gradients are evaluated. Nets with ReLU / max-pool have gradients that jump where a unit changes
+sign or a pool changes its argmax: a perturbation ``r v`` flips about ``N p0 r`` of the ``N``
+units and each flip adds ``O(jump / r)``, an error that does *not* shrink with ``r`` once any unit
+flips. The cure is a step so small that (almost) no unit flips, which float32 cannot resolve (its
+rounding term is then > 10%). ``fd_dtype=torch.float64`` evaluates the two gradients in float64
+(parameters, data and arithmetic upcast), where ``r = sqrt(eps64) (1 + ||x||) / ||v||`` (1.5e-8
+relative) keeps rounding near 1e-8 and flips rare. ``hvp_fd_step`` computes the default ``r``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp, vjp, vmap
+
+from .. import _validation as V
+from ..inner_update import fd_perturb
+from ..ops.multi_tensor import task_axpby, task_dot
+
+HVP_MODES = ("forward_over_reverse", "reverse_over_reverse", "fd_forward", "fd_central")
+_ALIASES = {"exact": "forward_over_reverse", "fwdrev": "forward_over_reverse", "revrev": "reverse_over_reverse",
+            "double_backward": "reverse_over_reverse"}
+
+TaskLoss = Callable[..., Tensor]
+
+
+def resolve_hvp_mode(mode: str) -> str:
+    """Map aliases (``"exact"``) to a mode of ``HVP_MODES``; raise on anything else."""
+    if not isinstance(mode, str):
+        raise TypeError(f"hvp mode must be a string, got {type(mode).__name__}")
+    mode = _ALIASES.get(mode, mode)
+    if mode not in HVP_MODES:
+        raise ValueError(f"hvp mode must be one of {HVP_MODES} (or 'exact'), got {mode!r}")
+    return mode
+
+
+def _in_dims(n_task_args: int):
+    return (0, None) + (0,) * n_task_args
+
+
+def batched_grad(task_loss: TaskLoss, params: Sequence[Tensor], fixed: Sequence[Tensor], *task_args: Tensor,
+                 wrt_fixed: bool = False):
+    """Per-task gradients ``vmap(grad(L))``.
+
+    Args:
+        task_loss: ``L(params, fixed, *task_args) -> scalar`` for one task.
+        params: tensors ``[T, ...]``.
+        fixed: tensors shared by the tasks (no task dimension).
+        *task_args: per-task data ``[T, ...]``.
+        wrt_fixed: also return the per-task gradients with respect to ``fixed`` (``[T, ...]``).
+
+    Returns:
+        ``(losses [T], grads_params, grads_fixed)``; ``grads_fixed`` is ``[]`` unless ``wrt_fixed``.
+
+    Example:
+        >>> tm = TaskModel(MLP(1, (40, 40), 1), F.mse_loss)
+        >>> phi = tm.initial_adapted(tm.theta_adapted(), 8)
+        >>> losses, g, _ = batched_grad(tm.task_loss, phi, [], x, y)   # x: [8, N, 1]
+    """
+    params, fixed = tuple(params), tuple(fixed)
+    wrt = wrt_fixed and len(fixed) > 0
+
+    def with_aux(p, f, *args):
+        loss = task_loss(p, f, *args)
+        return loss, loss
+
+    gfn = grad(with_aux, argnums=(0, 1) if wrt else 0, has_aux=True)
+    grads, losses = vmap(gfn, in_dims=_in_dims(len(task_args)))(params, fixed, *task_args)
+    if wrt:
+        return losses, list(grads[0]), list(grads[1])
+    return losses, list(grads), []
+
+
+def hvp_fd_step(params: Sequence[Tensor], v: Sequence[Tensor], *, scheme: str = "forward",
+                eval_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Default per-task finite-difference step ``r_t = c (1 + ||x_t||) / ||v_t||``.
+
+    ``c = sqrt(eps)`` (forward) or ``eps^(1/3)`` (central) of the dtype the gradients are evaluated
+    in, except that in float64 both schemes use ``sqrt(eps)``: on piecewise-linear nets the small
+    step keeps activation flips rare (see the module docstring), and central differences do not
+    need a larger step to balance a truncation error that is already below rounding.
+
+    Returns:
+        ``[T]`` steps in float64 when ``eval_dtype`` is float64, else in the dtype of ``params``.
+    """
+    dtype = eval_dtype or params[0].dtype
+    eps = torch.finfo(dtype).eps
+    c = math.sqrt(eps) if (scheme == "forward" or dtype == torch.float64) else eps ** (1.0 / 3.0)
+    with torch.no_grad():
+        x_norm = task_dot(params, params).to(dtype).sqrt()
+        v_norm = task_dot(v, v).to(dtype).sqrt()
+        v_norm = torch.where(v_norm > 0, v_norm, torch.ones_like(v_norm))
+        return c * (1 + x_norm) / v_norm
+
+
+def _cast(ts, dtype):
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in ts)
+
+
+def hvp(task_loss: TaskLoss, params: Sequence[Tensor], v: Sequence[Tensor], *task_args: Tensor,
+        fixed: Sequence[Tensor] = (), mode: str = "forward_over_reverse", r: Optional[Tensor] = None,
+        saved_grad: Optional[Sequence[Tensor]] = None, fd_dtype: Optional[torch.dtype] = None):
+    """Batched Hessian-vector products ``H_t v_t`` of per-task losses.
+
+    Args:
+        task_loss: ``L(params, fixed, *task_args) -> scalar`` for one task (``TaskModel.task_loss``
+            wraps any ``nn.Module`` through ``torch.func.functional_call``).
+        params: the point ``x``, tensors ``[T, ...]``.
+        v: the direction, shaped like ``params``.
+        *task_args: per-task data ``[T, ...]`` (e.g. ``x_support, y_support``).
+        fixed: tensors shared by the tasks; when given, the mixed block ``d/dfixed <grad_params L, v>``
+            is returned too (the direction has no ``fixed`` component).
+        mode: ``"forward_over_reverse"`` (or ``"exact"``), ``"reverse_over_reverse"``,
+            ``"fd_forward"`` or ``"fd_central"``.
+        r: ``[T]`` finite-difference steps (default ``hvp_fd_step``).
+        saved_grad: ``fd_forward`` only: ``g(x)`` already computed, the params part followed by
+            the fixed part (per task, ``[T, ...]``); saves one gradient evaluation. Ignored when
+            ``fd_dtype`` differs from the dtype of ``params``.
+        fd_dtype: dtype in which finite-difference gradients are evaluated and differenced
+            (e.g. ``torch.float64`` for float32 models with ReLU; see the module docstring).
+
+    Returns:
+        ``(hv_params, hv_fixed)``: lists of ``[T, ...]`` tensors in the dtype of ``params``;
+        ``hv_fixed`` is ``[]`` when ``fixed`` is empty.
+
+    Example:
+        >>> tm = TaskModel(Conv4(1, 8, 5, 28), F.cross_entropy)
+        >>> phi = tm.initial_adapted(tm.theta_adapted(), 4)       # xs: [4, 5, 1, 28, 28]
+        >>> v = [torch.randn_like(p) for p in phi]
+        >>> hv, _ = hvp(tm.task_loss, phi, v, xs, ys, mode="exact")
+    """
+    mode = resolve_hvp_mode(mode)
+    params = V.check_tensor_list(params, "params")
+    v = V.check_tensor_list(v, "v")
+    V.check_same_length(params=params, v=v)
+    num_tasks = V.check_task_tensors(params, "params")
+    V.check_task_tensors(v, "v", like=params)
+    for i, a in enumerate(task_args):
+        if not isinstance(a, Tensor) or a.dim() < 1 or a.shape[0] != num_tasks:
+            shape = tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__
+            raise ValueError(f"task_args[{i}] has shape {shape}; expected a leading task dimension of {num_tasks}")
+    params, v, fixed = tuple(params), tuple(v), tuple(fixed)
+    wrt = len(fixed) > 0
+    n_p = len(params)
+
+    if mode == "forward_over_reverse":
+        def one(p, f, vv, *args):
+            gfn = lambda p_: grad(task_loss, argnums=(0, 1) if wrt else 0)(p_, f, *args)  # noqa: E731
+            return jvp(gfn, (p,), (vv,))[1]
+
+        out = vmap(one, in_dims=(0, None, 0) + (0,) * len(task_args))(params, fixed, v, *task_args)
+        return (list(out[0]), list(out[1])) if wrt else (list(out), [])
+
+    if mode == "reverse_over_reverse":
+        def one(p, f, vv, *args):
+            if wrt:
+                _, pull = vjp(lambda p_, f_: grad(task_loss, argnums=0)(p_, f_, *args), p, f)
+                return pull(vv)
+            _, pull = vjp(lambda p_: grad(task_loss, argnums=0)(p_, f, *args), p)
+            return pull(vv)[0]
+
+        out = vmap(one, in_dims=(0, None, 0) + (0,) * len(task_args))(params, fixed, v, *task_args)
+        return (list(out[0]), list(out[1])) if wrt else (list(out), [])
+
+    # -- finite differences ------------------------------------------------------------------
+    scheme = "forward" if mode == "fd_forward" else "central"
+    dtype = params[0].dtype
+    ev = fd_dtype or dtype
+    if r is None:
+        r = hvp_fd_step(params, v, scheme=scheme, eval_dtype=ev)
+    else:
+        V.check_task_vector(r, "r", num_tasks, r if r.dtype == ev else params[0].to(ev))
+    with torch.no_grad():
+        p_ev, v_ev, f_ev = _cast(params, ev), _cast(v, ev), _cast(fixed, ev)
+        args_ev = _cast(task_args, ev) if ev != dtype else task_args
+        r_ev = r.to(ev)
+        plus = fd_perturb(p_ev, v_ev, r_ev, sign=1.0)
+        _, gp, gpf = batched_grad(task_loss, plus, f_ev, *args_ev, wrt_fixed=wrt)
+        if scheme == "forward":
+            if saved_grad is not None and ev == dtype:
+                base = list(saved_grad)
+                if len(base) != n_p + len(fixed):
+                    raise ValueError(f"saved_grad must hold {n_p + len(fixed)} tensors (params then fixed), got {len(base)}")
+            else:
+                _, gb, gbf = batched_grad(task_loss, p_ev, f_ev, *args_ev, wrt_fixed=wrt)
+                base = gb + gbf
+            inv = 1.0 / r_ev
+        else:
+            minus = fd_perturb(p_ev, v_ev, r_ev, sign=-1.0)
+            _, gb, gbf = batched_grad(task_loss, minus, f_ev, *args_ev, wrt_fixed=wrt)
+            base = gb + gbf
+            inv = 0.5 / r_ev
+        # (g_plus - g_base) * inv per task, in one fused pass over all tensors
+        diff = task_axpby(gp + gpf, base, 1.0, x_scale=inv, y_scale=inv, check_finite=False)
+        diff = [d.to(dtype) for d in diff]
+    return diff[:n_p], diff[n_p:]

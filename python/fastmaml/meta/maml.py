@@ -1,0 +1,139 @@
+"""Meta-gradients of the query loss by a custom backward: MAML (second order), FOMAML, Reptile.
+
+Forward: the batched inner loop runs without an autograd graph and keeps, per step, only
+``phi_k`` and ``grad L_support(phi_k)`` (``[T, ...]`` each): memory ``2 K T P`` plus one step's
+activations, instead of ``K`` steps of activations.
+
+Backward (second order), with ``v_K = w_t grad L_query(phi_K)`` (``w`` = the incoming gradient of
+each task's loss) and ``u_k = alpha_k * v_{k+1}`` (elementwise for Meta-SGD):
+
+    d/dalpha_k  = -sum_t v_{k+1} * g_k         (reduced to alpha_k's shape)
+    v_k         = v_{k+1} - H_aa(phi_k) u_k     (one batched HVP per step)
+    d/dfixed   += -H_fa(phi_k) u_k              (ANIL body / CAVIA network)
+    d/dtheta_a  = sum_t v_0
+
+FOMAML drops the HVPs (``v_k = v_K``, the step sizes still get ``-<v_K, g_k>``); Reptile's
+gradient is ``sum_t w_t (theta - phi_K)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..ops.multi_tensor import task_axpby
+from .functional import TaskModel, check_losses_finite
+from .hvp import batched_grad, hvp, resolve_hvp_mode
+from .inner_loop import run_inner_loop
+
+ALGORITHMS = ("maml", "fomaml", "reptile", "imaml")
+
+
+@dataclass
+class EngineConfig:
+    task_model: TaskModel
+    support: tuple
+    query: tuple
+    per_step: list  # per_step[k][i]: float or index into the lr tensors (int wrapped in _LrRef)
+    n_a: int
+    n_f: int
+    n_lr: int
+    algorithm: str = "maml"
+    hvp_mode: str = "forward_over_reverse"
+    fd_dtype: Optional[torch.dtype] = None
+    check_finite: bool = True
+    info: dict = field(default_factory=dict)
+
+
+class LrRef(int):
+    """Marks a step-size entry that is the lr tensor input number ``int(self)``."""
+
+
+def _per_task(w: Tensor, like: Tensor) -> Tensor:
+    return w.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def _resolve_step(step, lr_tensors):
+    return [lr_tensors[int(a)] if isinstance(a, LrRef) else a for a in step]
+
+
+class MetaGradient(torch.autograd.Function):
+    """``(theta_adapted..., theta_fixed..., lr tensors...) -> per-task query losses [T]``."""
+
+    @staticmethod
+    def forward(ctx, cfg: EngineConfig, *inputs):
+        n_a, n_f = cfg.n_a, cfg.n_f
+        theta_a = [t.detach() for t in inputs[:n_a]]
+        fixed = [t.detach() for t in inputs[n_a:n_a + n_f]]
+        lr_tensors = [t.detach() for t in inputs[n_a + n_f:]]
+        tm = cfg.task_model
+        num_tasks = cfg.support[0].shape[0]
+        per_step = [_resolve_step(s, lr_tensors) for s in cfg.per_step]
+        second = cfg.algorithm == "maml"
+        keep = cfg.algorithm in ("maml", "fomaml")
+        fd_reuse = second and cfg.hvp_mode == "fd_forward" and cfg.fd_dtype in (None, theta_a[0].dtype if theta_a
+                                                                                 else fixed[0].dtype)
+        with torch.enable_grad():  # torch.func transforms inside need grad mode
+            phi0 = tm.initial_adapted(theta_a, num_tasks)
+            phi, history, sup_losses = run_inner_loop(tm, phi0, fixed, cfg.support, per_step, keep_history=keep,
+                                                      history_fixed_grads=fd_reuse and n_f > 0,
+                                                      check_finite=cfg.check_finite)
+            if cfg.query is not None:
+                q_losses, gq_a, gq_f = batched_grad(tm.task_loss, phi, fixed, *cfg.query, wrt_fixed=n_f > 0)
+            else:  # Reptile without query: report the adapted support loss
+                q_losses, gq_a, gq_f = batched_grad(tm.task_loss, phi, fixed, *cfg.support, wrt_fixed=False)
+        if cfg.check_finite:
+            check_losses_finite(q_losses, "query loss after the inner loop")
+        cfg.info["support_losses"] = sup_losses
+        ctx.cfg = cfg
+        ctx.history = history
+        ctx.phi_k = phi
+        ctx.gq = (gq_a, gq_f)
+        ctx.fd_reuse = fd_reuse
+        ctx.save_for_backward(*theta_a, *fixed, *lr_tensors)
+        return q_losses.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        cfg = ctx.cfg
+        n_a, n_f = cfg.n_a, cfg.n_f
+        saved = ctx.saved_tensors
+        theta_a, fixed, lr_tensors = list(saved[:n_a]), list(saved[n_a:n_a + n_f]), list(saved[n_a + n_f:])
+        w = grad_out.detach()  # [T]
+        gq_a, gq_f = ctx.gq
+        grad_lr = [None] * len(lr_tensors)
+        grad_f = [(_per_task(w, g) * g).sum(0) for g in gq_f] if n_f else []
+        if cfg.algorithm == "reptile":
+            grad_a = [(_per_task(w, p) * (th.unsqueeze(0) - p)).sum(0) for th, p in zip(theta_a, ctx.phi_k)]
+            grad_f = [None] * n_f  # Reptile does not move what the inner loop does not adapt
+            return (None, *grad_a, *grad_f, *grad_lr)
+
+        v = [_per_task(w, g) * g for g in gq_a]  # [T, ...] each
+        per_step = [_resolve_step(s, lr_tensors) for s in cfg.per_step]
+        tm = cfg.task_model
+        for k in range(len(ctx.history) - 1, -1, -1):
+            phi_k, g_k, gf_k = ctx.history[k]
+            step = per_step[k]
+            # d/dalpha_k = -sum_t v_{k+1} * g_k
+            for a_ref, a, vi, gi in zip(cfg.per_step[k], step, v, g_k):
+                if isinstance(a_ref, LrRef):
+                    prod = vi * gi
+                    red = prod.sum() if a.numel() == 1 else prod.sum(0)
+                    j = int(a_ref)
+                    grad_lr[j] = -red.reshape(a.shape) if grad_lr[j] is None else grad_lr[j] - red.reshape(a.shape)
+            if cfg.algorithm == "fomaml":
+                continue
+            u = [vi * a for vi, a in zip(v, step)]  # alpha_k * v_{k+1}
+            with torch.enable_grad():
+                hv_a, hv_f = hvp(tm.task_loss, phi_k, u, *cfg.support, fixed=fixed, mode=cfg.hvp_mode,
+                                 saved_grad=(g_k + gf_k) if ctx.fd_reuse else None, fd_dtype=cfg.fd_dtype)
+            v = task_axpby(v, hv_a, 1.0, check_finite=False)  # v - H u
+            for i, h in enumerate(hv_f):
+                grad_f[i] = grad_f[i] - h.sum(0)
+            ctx.history[k] = None  # free phi_k, g_k as soon as they are used
+        grad_a = [vi.sum(0) for vi in v] if not tm.context else []
+        lr_out = [None if g is None else g.to(t.dtype) for g, t in zip(grad_lr, lr_tensors)]
+        return (None, *grad_a, *grad_f, *lr_out)
