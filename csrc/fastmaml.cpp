@@ -10,6 +10,8 @@ TORCH_LIBRARY(fastmaml, m) {
   // alpha_i has 1 element or one per row element (shape of x_i without the task dimension).
   m.def("task_axpby(Tensor[] x, Tensor[] y, Tensor[] alpha, Tensor? x_scale, Tensor? y_scale)"
         " -> Tensor[]");
+  // The same, written into x (first-order and no-grad inner loops, where phi_k need not be kept).
+  m.def("task_axpby_(Tensor(a!)[] x, Tensor[] y, Tensor[] alpha, Tensor? x_scale, Tensor? y_scale) -> ()");
   // out[t] = sum_i <a_i[t], b_i[t]>
   m.def("task_dot(Tensor[] a, Tensor[] b) -> Tensor");
 }

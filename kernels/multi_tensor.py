@@ -136,12 +136,20 @@ def _table(rows, device) -> Tensor:
 
 
 def task_axpby_triton(
-    x: Sequence[Tensor], y: Sequence[Tensor], alpha: Sequence[Tensor], x_scale: Optional[Tensor], y_scale: Optional[Tensor]
+    x: Sequence[Tensor],
+    y: Sequence[Tensor],
+    alpha: Sequence[Tensor],
+    x_scale: Optional[Tensor],
+    y_scale: Optional[Tensor],
+    out: Optional[Sequence[Tensor]] = None,
 ) -> list[Tensor]:
-    """Launch ``_task_axpby_kernel`` over all tensors; inputs are checked by the caller."""
+    """Launch ``_task_axpby_kernel`` over all tensors; inputs are checked by the caller.
+
+    ``out`` may be ``x`` itself (in place): each program loads its block before storing it.
+    """
     device, dtype = x[0].device, x[0].dtype
     num_tasks = x[0].shape[0]
-    out = [torch.empty_like(t) for t in x]
+    out = [torch.empty_like(t) for t in x] if out is None else list(out)
     numels = tuple(t.numel() for t in x)
     rows = (
         [t.data_ptr() for t in x]

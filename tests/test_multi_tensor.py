@@ -230,3 +230,66 @@ def test_native_op_checks_guard_direct_calls():
     x = [torch.randn(3, 4)]
     with pytest.raises(RuntimeError, match="expected 1 or 4"):
         torch.ops.fastmaml.task_axpby(x, x, [torch.ones(3)], None, None)
+
+
+# --- the in-place variant ------------------------------------------------------------------------
+@pytest.mark.parametrize("device,backend", ALL_BACKEND_PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("alpha_kind", ["scalar", "per_tensor", "per_element"])
+def test_task_axpby_inplace_matches_reference(device, backend, dtype, alpha_kind):
+    x = make_task_tensors(3, ROW_SHAPES, dtype, device, seed=40)
+    y = make_task_tensors(3, ROW_SHAPES, dtype, device, seed=41)
+    alpha = _alpha(alpha_kind, ROW_SHAPES, dtype, device)
+    ys = _scale(3, dtype, device, 42)
+    expected = task_axpby_reference(x, y, _ref_alpha(alpha, ROW_SHAPES, dtype, device), None, ys)
+    storages = [t.data_ptr() for t in x]
+    returned = fastmaml.task_axpby_(x, y, alpha, y_scale=ys, backend=backend)
+    assert [t.data_ptr() for t in returned] == storages  # same memory, no copy
+    rtol, atol = TOLERANCES[dtype]
+    for xi, e in zip(x, expected):
+        torch.testing.assert_close(xi, e, rtol=rtol, atol=atol)
+
+
+@pytest.mark.skipif(not fastmaml.HAS_NATIVE, reason="compiled module not built")
+def test_inplace_op_passes_opcheck():
+    x = make_task_tensors(3, ROW_SHAPES, torch.float64, "cpu", seed=43)
+    y = make_task_tensors(3, ROW_SHAPES, torch.float64, "cpu", seed=44)
+    alpha = [torch.tensor(0.3, dtype=torch.float64) for _ in x]
+    torch.library.opcheck(torch.ops.fastmaml.task_axpby_.default, (x, y, alpha, None, None))
+
+
+def test_inplace_refuses_tensors_that_autograd_needs():
+    leaf = torch.randn(3, 4, requires_grad=True)
+    plain = torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r"x\[0\] requires grad: the in-place update would overwrite"):
+        fastmaml.task_axpby_([leaf], [plain], 0.1)
+    with pytest.raises(ValueError, match=r"y\[0\] requires grad"):
+        fastmaml.task_axpby_([plain.clone()], [leaf], 0.1)
+    with pytest.raises(ValueError, match=r"alpha\[0\] requires grad"):
+        fastmaml.task_axpby_([plain.clone()], [plain], [torch.tensor(0.1, requires_grad=True)])
+    before = plain.clone()
+    with pytest.raises(ValueError):
+        fastmaml.inner_sgd_step_([plain], [leaf], 0.1)
+    assert torch.equal(plain, before)  # refused before anything was written
+
+
+def test_inplace_under_no_grad_updates_leaves_and_bumps_versions():
+    theta = torch.randn(3, 4, requires_grad=True)
+    hidden = theta * 2  # a graph that saved nothing of theta's value...
+    loss = (theta ** 2).sum()  # ...and one that saved theta itself
+    with torch.no_grad():
+        fastmaml.inner_sgd_step_([theta], [torch.ones(3, 4)], 0.5)
+    assert theta.requires_grad and theta._version > 0
+    hidden.sum().backward()  # fine: its backward does not read theta
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()  # loud, never silently wrong
+
+
+def test_inplace_refuses_non_contiguous_or_overlapping_tensors():
+    base = torch.randn(3, 8)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"x\[0\] must be contiguous"):
+            fastmaml.task_axpby_([base[:, ::2]], [torch.randn(3, 4)], 0.1)
+        wide = torch.randn(3, 8)
+        with pytest.raises(ValueError, match=r"y\[0\] overlaps x\[0\]"):
+            fastmaml.task_axpby_([wide[1:]], [wide[:2]], 0.1)

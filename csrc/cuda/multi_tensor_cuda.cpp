@@ -32,15 +32,13 @@ at::Tensor upload(const std::vector<int64_t>& host, const at::Device& device) {
   return pinned.to(device, /*non_blocking=*/true);
 }
 
-std::vector<at::Tensor> task_axpby_cuda(at::TensorList x, at::TensorList y, at::TensorList alpha,
-                                        const std::optional<at::Tensor>& x_scale,
-                                        const std::optional<at::Tensor>& y_scale) {
-  check_task_axpby_inputs(x, y, alpha, x_scale, y_scale);
+// `out` is new memory or x itself (in place): each element is read and written by one thread.
+void task_axpby_into_cuda(at::TensorList x, at::TensorList y, at::TensorList alpha,
+                          const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& y_scale,
+                          at::TensorList out) {
   const c10::cuda::CUDAGuard guard(x[0].device());
   const int64_t n = static_cast<int64_t>(x.size());
   const int64_t T = x[0].size(0);
-  std::vector<at::Tensor> out;
-  for (const auto& xi : x) out.push_back(at::empty_like(xi));
 
   std::vector<int64_t> meta(7 * n);
   std::vector<int64_t> block_tensor, block_start;
@@ -66,7 +64,23 @@ std::vector<at::Tensor> task_axpby_cuda(at::TensorList x, at::TensorList y, at::
                          y_scale ? y_scale->data_ptr() : nullptr, to_kernel_dtype(x[0].scalar_type())};
   const cudaError_t err = cuda::launch_task_axpby(args, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "task_axpby CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+std::vector<at::Tensor> task_axpby_cuda(at::TensorList x, at::TensorList y, at::TensorList alpha,
+                                        const std::optional<at::Tensor>& x_scale,
+                                        const std::optional<at::Tensor>& y_scale) {
+  check_task_axpby_inputs(x, y, alpha, x_scale, y_scale);
+  std::vector<at::Tensor> out;
+  for (const auto& xi : x) out.push_back(at::empty_like(xi));
+  task_axpby_into_cuda(x, y, alpha, x_scale, y_scale, out);
   return out;
+}
+
+void task_axpby_inplace_cuda(at::TensorList x, at::TensorList y, at::TensorList alpha,
+                             const std::optional<at::Tensor>& x_scale,
+                             const std::optional<at::Tensor>& y_scale) {
+  check_task_axpby_inputs(x, y, alpha, x_scale, y_scale);
+  task_axpby_into_cuda(x, y, alpha, x_scale, y_scale, x);
 }
 
 at::Tensor task_dot_cuda(at::TensorList a, at::TensorList b) {
@@ -111,6 +125,7 @@ at::Tensor task_dot_cuda(at::TensorList a, at::TensorList b) {
 
 TORCH_LIBRARY_IMPL(fastmaml, CUDA, m) {
   m.impl("task_axpby", &task_axpby_cuda);
+  m.impl("task_axpby_", &task_axpby_inplace_cuda);
   m.impl("task_dot", &task_dot_cuda);
 }
 

@@ -8,8 +8,8 @@ import torch  # noqa: F401  (the compiled module links libc10: torch must be imp
 
 from . import backend
 from ._extension import HAS_NATIVE, build_info
-from .inner_update import fd_combine, fd_perturb, fd_step_size, inner_sgd_step
-from .ops.multi_tensor import task_axpby, task_dot
+from .inner_update import fd_combine, fd_perturb, fd_step_size, inner_sgd_step, inner_sgd_step_
+from .ops.multi_tensor import task_axpby, task_axpby_, task_dot
 
 __version__ = "0.1.0"
 
@@ -21,6 +21,8 @@ __all__ = [
     "fd_perturb",
     "fd_step_size",
     "inner_sgd_step",
+    "inner_sgd_step_",
     "task_axpby",
+    "task_axpby_",
     "task_dot",
 ]

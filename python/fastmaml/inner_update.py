@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import _validation as V
-from .ops.multi_tensor import StepSizes, task_axpby, task_dot
+from .ops.multi_tensor import StepSizes, task_axpby, task_axpby_, task_dot
 from .reference.inner_update import CLIP_EPS
 
 _FD_SCHEMES = ("central", "forward")
@@ -54,6 +54,40 @@ def inner_sgd_step(
         >>> grads = [torch.randn_like(t) for t in theta]
         >>> phi = inner_sgd_step(theta, grads, [0.4, 0.1])  # per-tensor step sizes
     """
+    params, grads, scale = _prepare_step(params, grads, max_grad_norm, backend)
+    return task_axpby(params, grads, lr, y_scale=scale, backend=backend, check_finite=check_finite)
+
+
+def inner_sgd_step_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    lr: StepSizes,
+    *,
+    max_grad_norm: Optional[float] = None,
+    backend: str = "auto",
+    check_finite: bool = True,
+) -> list[Tensor]:
+    """In-place ``inner_sgd_step``: ``params`` are overwritten with ``phi``.
+
+    For first-order MAML, Reptile and test-time fine-tuning, where the intermediate parameters
+    need not be kept: no allocation, one pass. Raises ``ValueError`` if grad mode is on and any
+    input requires grad (autograd would need the overwritten values); use it under
+    ``torch.no_grad()``. Arguments as ``inner_sgd_step``.
+
+    Returns:
+        ``params``, updated.
+
+    Example:
+        >>> phi = [t.clone() for t in theta]
+        >>> with torch.no_grad():
+        ...     for _ in range(10):
+        ...         inner_sgd_step_(phi, support_grads(phi), 0.01)
+    """
+    params, grads, scale = _prepare_step(params, grads, max_grad_norm, backend)
+    return task_axpby_(params, grads, lr, y_scale=scale, backend=backend, check_finite=check_finite)
+
+
+def _prepare_step(params, grads, max_grad_norm, backend):
     params = V.check_tensor_list(params, "params")
     grads = V.check_tensor_list(grads, "grads")
     V.check_same_length(params=params, grads=grads)
@@ -66,7 +100,7 @@ def inner_sgd_step(
         if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
             raise ValueError(f"max_grad_norm must be a positive finite float, got {max_grad_norm}")
         scale = (max_grad_norm / (_task_norm(grads, backend) + CLIP_EPS)).clamp(max=1.0)
-    return task_axpby(params, grads, lr, y_scale=scale, backend=backend, check_finite=check_finite)
+    return params, grads, scale
 
 
 def _check_scheme(scheme: str) -> None:

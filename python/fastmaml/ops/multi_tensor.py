@@ -107,6 +107,10 @@ def _register_native_autograd():
     def _(a, b):
         return a[0].new_empty(a[0].shape[0])
 
+    @torch.library.register_fake("fastmaml::task_axpby_")
+    def _(x, y, alpha, x_scale, y_scale):
+        return None
+
 
 _register_native_autograd()
 
@@ -140,9 +144,15 @@ def _get_triton_ops():
         def _(a, b):
             return a[0].new_empty(a[0].shape[0])
 
+        @torch.library.custom_op("fastmaml::task_axpby_triton_", mutates_args=("x",))
+        def task_axpby_triton_(
+            x: list[Tensor], y: list[Tensor], alpha: list[Tensor], x_scale: Optional[Tensor], y_scale: Optional[Tensor]
+        ) -> None:
+            K.task_axpby_triton(x, y, alpha, x_scale, y_scale, out=x)
+
         task_axpby_triton.register_autograd(_axpby_backward, setup_context=_axpby_setup_context)
         task_dot_triton.register_autograd(_dot_backward, setup_context=_dot_setup_context)
-        _triton_ops = (task_axpby_triton, task_dot_triton)
+        _triton_ops = (task_axpby_triton, task_dot_triton, task_axpby_triton_)
     return _triton_ops
 
 
@@ -266,3 +276,82 @@ def task_dot(a: Sequence[Tensor], b: Sequence[Tensor], *, backend: str = "auto")
     if chosen == "triton":
         return _get_triton_ops()[1](a, b)
     return torch.ops.fastmaml.task_dot(a, b)
+
+
+def _check_inplace_allowed(x: Sequence[Tensor], others: dict) -> None:
+    """The in-place update must never overwrite what autograd needs, nor read what it writes."""
+    if torch.is_grad_enabled():
+        for name, tensors in {"x": x, **others}.items():
+            for i, t in enumerate(tensors):
+                if t is not None and t.requires_grad:
+                    label = f"{name}[{i}]" if len(tensors) > 1 or name in ("x", "y", "alpha") else name
+                    raise ValueError(
+                        f"{label} requires grad: the in-place update would overwrite values autograd "
+                        "needs. Use the out-of-place op (e.g. inner_sgd_step), or call this one under "
+                        "torch.no_grad() to update parameters as an optimizer does."
+                    )
+    for i, t in enumerate(x):
+        if not t.is_contiguous():
+            raise ValueError(f"x[{i}] must be contiguous to be updated in place, got strides {t.stride()}")
+    for i, (xi, yi) in enumerate(zip(x, others["y"])):
+        if xi.untyped_storage().data_ptr() == yi.untyped_storage().data_ptr() and xi.data_ptr() != yi.data_ptr():
+            raise ValueError(f"y[{i}] overlaps x[{i}] in memory; the in-place update needs separate tensors")
+
+
+def task_axpby_(
+    x: Sequence[Tensor],
+    y: Sequence[Tensor],
+    alpha: StepSizes,
+    x_scale: Optional[Tensor] = None,
+    y_scale: Optional[Tensor] = None,
+    *,
+    backend: str = "auto",
+    check_finite: bool = True,
+) -> list[Tensor]:
+    """In-place ``task_axpby``: writes ``x_scale[t] * x_i[t] - alpha_i * y_scale[t] * y_i[t]`` into ``x``.
+
+    For first-order and no-grad inner loops, where the intermediate parameters need not be kept:
+    no allocation, 3 memory streams per element. Refuses (``ValueError``) any input that requires
+    grad while grad mode is on, since autograd would need the overwritten values; under
+    ``torch.no_grad()`` it bumps the tensors' version counters, so a later backward through a
+    graph that saved them fails loudly instead of using corrupted values.
+
+    Args and step-size forms as ``task_axpby``.
+
+    Returns:
+        ``x`` (the same tensor objects, updated).
+
+    Example:
+        >>> theta = [torch.randn(4, 10)]
+        >>> with torch.no_grad():
+        ...     task_axpby_(theta, [torch.randn(4, 10)], 0.1)
+    """
+    x = V.check_tensor_list(x, "x")
+    y = V.check_tensor_list(y, "y")
+    V.check_same_length(x=x, y=y)
+    num_tasks = V.check_task_tensors(x, "x")
+    V.check_task_tensors(y, "y", like=x)
+    if isinstance(alpha, (list, tuple)):
+        alpha_tensors = [a for a in alpha if isinstance(a, Tensor)]
+    else:
+        alpha_tensors = [alpha] if isinstance(alpha, Tensor) else []
+    _check_inplace_allowed(x, {"y": y, "alpha": alpha_tensors, "x_scale": [x_scale], "y_scale": [y_scale]})
+    alpha = _normalize_alpha(alpha, x, check_finite)
+    if x_scale is not None:
+        x_scale = V.check_task_vector(x_scale, "x_scale", num_tasks, x[0]).contiguous()
+    if y_scale is not None:
+        y_scale = V.check_task_vector(y_scale, "y_scale", num_tasks, x[0]).contiguous()
+    chosen = resolve_backend(x[0].device, backend)
+    y = _contiguous(y)
+    with torch.no_grad():
+        if chosen == "reference":
+            for xi, oi in zip(x, task_axpby_reference(x, y, alpha, x_scale, y_scale)):
+                xi.copy_(oi)
+            return x
+        if chosen == "triton":
+            _get_triton_ops()[2](x, y, alpha, x_scale, y_scale)
+        else:
+            torch.ops.fastmaml.task_axpby_(x, y, alpha, x_scale, y_scale)
+            # A compiled op has no ADInplaceOrView kernel: bump the versions as x.add_() would.
+            torch.autograd.graph.increment_version(x)
+    return x
