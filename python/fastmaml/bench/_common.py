@@ -75,6 +75,11 @@ def append_csv(name: str, rows: list[dict]) -> Path:
     if not rows:
         return path
     fields = list(rows[0].keys())
+    if path.exists():
+        with path.open() as fh:
+            header = fh.readline().strip().split(",")
+        if header != fields:  # columns changed: keep the old file aside rather than mix layouts
+            path.rename(path.with_suffix(f".{int(time.time())}.csv.old"))
     new = not path.exists()
     with path.open("a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
