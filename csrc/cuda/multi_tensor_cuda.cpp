@@ -1,7 +1,7 @@
 // Torch-facing CUDA launchers: build the per-call metadata table, copy it to the device on the
 // current stream, and launch the torch-free kernels from multi_tensor_kernels.cu.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -62,7 +62,7 @@ void task_axpby_into_cuda(at::TensorList x, at::TensorList y, at::TensorList alp
   cuda::AxpbyLaunch args{meta_dev.data_ptr<int64_t>(), n, static_cast<int64_t>(block_tensor.size()),
                          x_scale ? x_scale->data_ptr() : nullptr,
                          y_scale ? y_scale->data_ptr() : nullptr, to_kernel_dtype(x[0].scalar_type())};
-  const cudaError_t err = cuda::launch_task_axpby(args, at::cuda::getCurrentCUDAStream());
+  const cudaError_t err = cuda::launch_task_axpby(args, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "task_axpby CUDA launch failed: ", cudaGetErrorString(err));
 }
 
@@ -116,7 +116,7 @@ at::Tensor task_dot_cuda(at::TensorList a, at::TensorList b) {
 
   cuda::DotLaunch args{meta_dev.data_ptr<int64_t>(), n, n_blocks, partial.data_ptr<double>(),
                        to_kernel_dtype(a[0].scalar_type())};
-  const cudaError_t err = cuda::launch_task_dot(args, at::cuda::getCurrentCUDAStream());
+  const cudaError_t err = cuda::launch_task_dot(args, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "task_dot CUDA launch failed: ", cudaGetErrorString(err));
   return partial.view({T, n_blocks / T}).sum(1).to(a[0].scalar_type());
 }
