@@ -1,0 +1,113 @@
+"""Helpers shared by the heads: input checks and the first-order-only autograd guard."""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+from torch._C import _functions
+
+from .. import _validation as V
+
+
+def check_batched(t, name: str, ndim: int, shape_doc: str) -> Tensor:
+    """``t`` is a floating tensor of rank ``ndim`` with at least one task; names ``shape_doc`` on error."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating point tensor (float32 or float64), got dtype {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have shape {shape_doc} (rank {ndim}), got shape {tuple(t.shape)}")
+    if t.shape[0] < 1:
+        raise ValueError(f"{name} has T = 0 tasks; expected shape {shape_doc} with T >= 1")
+    V.check_finite(t, name)
+    return t
+
+
+def check_like(t: Tensor, name: str, like: Tensor, like_name: str) -> None:
+    if t.dtype != like.dtype or t.device != like.device:
+        raise TypeError(f"{name} is {t.dtype} on {t.device}, expected {like.dtype} on {like.device} like {like_name}")
+
+
+def per_task_scalar(v, name: str, num_tasks: int, like: Tensor, allow_zero: bool = True) -> Tensor:
+    """A python number, 0-dim or [T] tensor -> a [T] tensor of ``like``'s dtype; must be finite and >= 0."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        v = torch.tensor(float(v), dtype=like.dtype, device=like.device)
+    if not isinstance(v, Tensor):
+        raise TypeError(f"{name} must be a float or a tensor of shape [] or [{num_tasks}], got {type(v).__name__}")
+    if v.dim() == 0:
+        v = v.expand(num_tasks)
+    if v.shape != (num_tasks,):
+        raise ValueError(f"{name} must be a scalar or have shape [{num_tasks}] (one per task), got {tuple(v.shape)}")
+    if not v.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got dtype {v.dtype}")
+    if v.device != like.device:
+        raise ValueError(f"{name} is on {v.device}, expected {like.device}")
+    V.check_finite(v, name)
+    bad = (v.detach() < 0) if allow_zero else (v.detach() <= 0)
+    if bool(bad.any()):
+        rel = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {rel}, got {v.detach().min().item()} (task {int(bad.nonzero()[0])})")
+    return v.to(like.dtype)
+
+
+def check_labels(labels, name: str, num_tasks: int, n: int, n_way: int, device) -> Tensor:
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{name} must be an int64 tensor of shape [T, n], got {type(labels).__name__}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"{name} must have dtype torch.int64, got {labels.dtype}")
+    if labels.shape != (num_tasks, n):
+        raise ValueError(f"{name} must have shape [{num_tasks}, {n}] (T, n_support), got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"{name} is on {labels.device}, expected {device}")
+    if labels.numel() and (bool((labels < 0).any()) or bool((labels >= n_way).any())):
+        raise ValueError(
+            f"{name} must lie in [0, n_way) = [0, {n_way}), got values in [{int(labels.min())}, {int(labels.max())}]"
+        )
+    return labels
+
+
+def check_n_way(n_way) -> int:
+    if isinstance(n_way, bool) or not isinstance(n_way, int):
+        raise TypeError(f"n_way must be an int, got {type(n_way).__name__}")
+    if n_way < 1:
+        raise ValueError(f"n_way must be >= 1, got {n_way}")
+    return n_way
+
+
+def first_order_only(op_name: str):
+    """Like ``torch.autograd.function.once_differentiable``, with an error that names the op.
+
+    The backward runs without building a graph; differentiating its result again raises
+    ``RuntimeError`` mentioning ``op_name`` (instead of silently returning wrong second derivatives).
+    """
+    message = (
+        f"{op_name} is first-order only: its backward (implicit differentiation of the KKT conditions) "
+        "cannot be differentiated again. Detach its output or use a head with second-order support "
+        "(the ridge heads)."
+    ).encode()
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(ctx, *args):
+            with torch.no_grad():
+                outputs = fn(ctx, *args)
+            if not torch.is_grad_enabled():
+                return outputs
+            if not any(isinstance(a, Tensor) and a.requires_grad for a in args):
+                return outputs
+            outs = outputs if isinstance(outputs, tuple) else (outputs,)
+            err_fn = _functions.DelayedError(message, len(outs))
+
+            def fake(v):
+                if v is not None:
+                    v = v.detach()
+                    v.requires_grad = True
+                return v
+
+            res = err_fn(*[fake(v) for v in outs])
+            return res
+
+        return wrapper
+
+    return deco
