@@ -38,16 +38,22 @@ __global__ void __launch_bounds__(kThreads) task_axpby_kernel(AxpbyLaunch args) 
   const T* xs = static_cast<const T*>(args.x_scale);
   const T* ys = static_cast<const T*>(args.y_scale);
   const acc_t a0 = to_acc(alpha[0]);
+  const bool per_task = xs != nullptr || ys != nullptr;
 
+  // Row position of this thread's first element; later elements advance it by kThreads with
+  // subtractions instead of one 64-bit division per element.
+  int64_t e = start + threadIdx.x;
+  int64_t t = e / inner;
+  int64_t j = e - t * inner;
 #pragma unroll
   for (int k = 0; k < kItemsPerThread; ++k) {
     // Consecutive threads touch consecutive elements: coalesced loads and stores.
-    const int64_t e = start + int64_t(k) * kThreads + threadIdx.x;
     if (e < numel) {
-      const int64_t t = e / inner;
-      const int64_t j = e - t * inner;
-      const acc_t cx = xs ? to_acc(xs[t]) : acc_t(1);
-      const acc_t cy = ys ? to_acc(ys[t]) : acc_t(1);
+      acc_t cx = acc_t(1), cy = acc_t(1);
+      if (per_task) {
+        cx = xs ? to_acc(xs[t]) : acc_t(1);
+        cy = ys ? to_acc(ys[t]) : acc_t(1);
+      }
       const acc_t a = alpha_is_scalar ? a0 : to_acc(alpha[j]);
       const acc_t r = cx * to_acc(x[e]) - a * cy * to_acc(y[e]);
       if constexpr (sizeof(T) == 8) {
@@ -55,6 +61,12 @@ __global__ void __launch_bounds__(kThreads) task_axpby_kernel(AxpbyLaunch args) 
       } else {
         out[e] = from_acc<T>(r);
       }
+    }
+    e += kThreads;
+    j += kThreads;
+    while (j >= inner) {
+      j -= inner;
+      ++t;
     }
   }
 }
