@@ -74,8 +74,8 @@ def normalize_step_sizes(lr: StepSpec, num_steps: int, adapted_shapes: Sequence[
                              f"(pass a list for per-tensor or per-element step sizes)")
         return [a] * n
 
-    is_nested = isinstance(lr, (list, tuple, nn.ModuleList)) and len(lr) > 0 and isinstance(
-        lr[0], (list, tuple, nn.ParameterList))
+    is_nested = isinstance(lr, nn.ModuleList) or (isinstance(lr, (list, tuple)) and (
+        (len(lr) > 0 and isinstance(lr[0], (list, tuple, nn.ParameterList))) or (len(lr) == 0 and num_steps == 0)))
     if is_nested:
         if len(lr) != num_steps:
             raise ValueError(f"per-step lr (MAML++ LSLR) must have one list per inner step: expected "
