@@ -17,7 +17,12 @@ install: $(VENV)/.deps
 test: install
 	FASTMAML_REQUIRE_NATIVE=1 $(PY) -m pytest -q tests
 
-bench: install
+$(VENV)/.peers: requirements-peers.txt $(VENV)/.deps
+	-$(PY) -m pip install -q --no-deps --no-build-isolation -r requirements-peers.txt \
+		|| echo "some optional benchmark peers did not install: their rows will be skipped"
+	touch $@
+
+bench: install $(VENV)/.peers
 	$(PY) -m fastmaml.bench
 
 clean:
