@@ -293,3 +293,14 @@ def test_inplace_refuses_non_contiguous_or_overlapping_tensors():
         wide = torch.randn(3, 8)
         with pytest.raises(ValueError, match=r"y\[0\] overlaps x\[0\]"):
             fastmaml.task_axpby_([wide[1:]], [wide[:2]], 0.1)
+
+
+def test_rejects_mixed_devices():
+    # The meta device stands in for a second device on machines without a GPU.
+    x = [torch.randn(3, 4), torch.empty(3, 4, device="meta")]
+    with pytest.raises(ValueError, match=r"x\[1\] is on meta, expected cpu like x\[0\]"):
+        fastmaml.task_axpby(x, x, 0.1)
+    with pytest.raises(TypeError, match=r"y\[0\] is torch.float32 on meta, expected torch.float32 on cpu"):
+        fastmaml.task_axpby([torch.randn(3, 4)], [torch.empty(3, 4, device="meta")], 0.1)
+    with pytest.raises(TypeError, match=r"alpha\[0\] is torch.float32 on meta"):
+        fastmaml.task_axpby([torch.randn(3, 4)], [torch.randn(3, 4)], [torch.empty((), device="meta")])
