@@ -29,12 +29,14 @@ FORMS = ("auto", "dual", "primal")
 # ----------------------------------------------------------------------------------------------
 # SPD solve with a reusable factor
 # ----------------------------------------------------------------------------------------------
-def cholesky_factor(K: Tensor, name: str = "K") -> Tensor:
+def cholesky_factor(K: Tensor, name: str = "K", singular_check: Optional[Tensor] = None) -> Tensor:
     """Lower Cholesky factor of a batch of SPD matrices; a clear error names the failing tasks.
 
     Args:
         K: ``[T, m, m]`` symmetric positive definite matrices (only the lower triangle is read).
         name: how the error message calls ``K``.
+        singular_check: ``[T]`` bool, tasks for which a numerically singular ``K`` (pivot ratio
+            below ``m * eps``) is also an error (used for ``lam == 0``).
 
     Returns:
         ``L`` of shape ``[T, m, m]`` with ``K = L L^T``.
@@ -43,8 +45,16 @@ def cholesky_factor(K: Tensor, name: str = "K") -> Tensor:
         ValueError: some ``K[t]`` is not positive definite.
     """
     L, info = torch.linalg.cholesky_ex(K)
-    if bool((info != 0).any()):
-        bad = (info != 0).nonzero().flatten().tolist()
+    failed = info != 0
+    if singular_check is not None and bool(singular_check.any()):
+        # An exactly singular K can factor "successfully" with a rounding-level pivot; for the
+        # tasks in singular_check ([T] bool, lam == 0) treat pivots below m * eps as failure.
+        diag = L.diagonal(dim1=-2, dim2=-1).abs()  # [T, m]
+        ratio = (diag.amin(-1) / diag.amax(-1).clamp(min=torch.finfo(K.dtype).tiny)) ** 2
+        failed = failed | (singular_check & (ratio < K.shape[-1] * torch.finfo(K.dtype).eps))
+        info = torch.where(failed & (info == 0), torch.full_like(info, K.shape[-1]), info)
+    if bool(failed.any()):
+        bad = failed.nonzero().flatten().tolist()
         raise ValueError(
             f"{name} is not positive definite for tasks {bad[:10]}{'...' if len(bad) > 10 else ''} "
             f"(leading minor {int(info[bad[0]])} of {K.shape[-1]} failed); with lam = 0 this happens when "
@@ -62,9 +72,9 @@ class _SPDSolve(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, K, B, L):  # K [T, m, m], B [T, m, c], L [T, m, m] or None
+    def forward(ctx, K, B, L, singular_check=None):  # K [T, m, m], B [T, m, c], L [T, m, m] or None
         if L is None:
-            L = cholesky_factor(K, "the ridge system matrix")
+            L = cholesky_factor(K, "the ridge system matrix", singular_check)
         Z = torch.cholesky_solve(B, L)  # [T, m, c]
         ctx.save_for_backward(K, Z)
         ctx.L = L  # a constant of the backward: no gradient flows into the factor
@@ -73,19 +83,20 @@ class _SPDSolve(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gZ):
         K, Z = ctx.saved_tensors
-        need_K, need_B, _ = ctx.needs_input_grad
+        need_K, need_B = ctx.needs_input_grad[:2]
         gB = _SPDSolve.apply(K, gZ, ctx.L)  # K^-1 gZ with the forward's factor
         gK = -gB @ Z.mT if need_K else None
-        return gK, (gB if need_B else None), None
+        return gK, (gB if need_B else None), None, None
 
 
-def spd_solve(K: Tensor, B: Tensor, L: Optional[Tensor] = None) -> Tensor:
+def spd_solve(K: Tensor, B: Tensor, L: Optional[Tensor] = None, singular_check: Optional[Tensor] = None) -> Tensor:
     """Differentiable ``K^-1 B`` for a batch of SPD matrices through one Cholesky factorization.
 
     Args:
         K: ``[T, m, m]`` symmetric positive definite (the caller guarantees symmetry).
         B: ``[T, m, c]`` right-hand sides.
         L: optional ``[T, m, m]`` lower factor of ``K`` to reuse.
+        singular_check: optional ``[T]`` bool: tasks where a numerically singular ``K`` is an error.
 
     Returns:
         ``[T, m, c]``; its backward reuses the factor and is differentiable again.
@@ -95,7 +106,7 @@ def spd_solve(K: Tensor, B: Tensor, L: Optional[Tensor] = None) -> Tensor:
         >>> spd_solve(K, torch.ones(2, 3, 1))[0, :, 0]
         tensor([0.5000, 0.5000, 0.5000])
     """
-    return _SPDSolve.apply(K, B, L)
+    return _SPDSolve.apply(K, B, L, singular_check)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,9 +211,9 @@ def ridge_solve(features: Tensor, targets: Tensor, lam: Scalar, *, form: str = "
     X, Y, lam = _check_ridge_inputs(features, targets, lam)
     n, d = X.shape[1], X.shape[2]
     if _pick_form(form, n, d) == "dual":
-        A = spd_solve(_add_diag(X @ X.mT, lam), Y)  # [T, n, c]
+        A = spd_solve(_add_diag(X @ X.mT, lam), Y, None, lam.detach() == 0)  # [T, n, c]
         return X.mT @ A  # [T, d, c]
-    return spd_solve(_add_diag(X.mT @ X, lam), X.mT @ Y)  # [T, d, c]
+    return spd_solve(_add_diag(X.mT @ X, lam), X.mT @ Y, None, lam.detach() == 0)  # [T, d, c]
 
 
 def ridge_predict(
@@ -233,6 +244,6 @@ def ridge_predict(
     n, d = X.shape[1], X.shape[2]
     if _pick_form(form, n, d) == "dual":
         G, Kq = gram_pair(X, query_features)  # [T, n, n], [T, q, n]
-        return Kq @ spd_solve(_add_diag(G, lam), Y)  # [T, q, c]
-    W = spd_solve(_add_diag(X.mT @ X, lam), X.mT @ Y)  # [T, d, c]
+        return Kq @ spd_solve(_add_diag(G, lam), Y, None, lam.detach() == 0)  # [T, q, c]
+    W = spd_solve(_add_diag(X.mT @ X, lam), X.mT @ Y, None, lam.detach() == 0)  # [T, d, c]
     return query_features @ W
