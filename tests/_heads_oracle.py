@@ -27,15 +27,15 @@ def cvxpy_qp(Q, p, G=None, h=None, A=None, b=None):
         cons.append(A @ z == b)
     obj = 0.5 * cp.quad_form(z, cp.psd_wrap(Qs)) + p @ z
     prob = cp.Problem(cp.Minimize(obj), cons)
-    prob.solve(solver=cp.OSQP, eps_abs=1e-10, eps_rel=1e-10, polish=True, max_iter=200000, verbose=False)
+    prob.solve(solver=cp.OSQP, eps_abs=1e-10, eps_rel=1e-10, polishing=True, max_iter=200000, verbose=False)
     if prob.status in ("infeasible", "infeasible_inaccurate"):
         return None, "infeasible"
     if prob.status in ("unbounded", "unbounded_inaccurate"):
         return None, "unbounded"
     if prob.status != "optimal":
         raise RuntimeError(f"oracle failed: {prob.status}")
-    info = prob.solver_stats.extra_stats.info
-    if getattr(info, "status_polish", 1) != 1:
+    # OSQP's status_polish: 1 succeeded, 2 not needed (no active constraint); else it failed.
+    if prob.solver_stats.extra_stats.info.status_polish not in (1, 2):
         # Polishing failed: fall back on Clarabel at tight tolerances.
         prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-13, tol_gap_rel=1e-13, tol_feas=1e-13,
                    tol_ktratio=1e-10, max_iter=500)

@@ -94,16 +94,23 @@ def first_order_only(op_name: str):
                 outputs = fn(ctx, *args)
             if not torch.is_grad_enabled():
                 return outputs
-            if not any(isinstance(a, Tensor) and a.requires_grad for a in args):
-                return outputs
+            # create_graph=True: every gradient we return gets a node that raises if it is ever
+            # differentiated (whether or not the incoming gradients require grad).
             outs = outputs if isinstance(outputs, tuple) else (outputs,)
+            if all(v is None for v in outs):
+                return outputs
             err_fn = _functions.DelayedError(message, len(outs))
+            # Tie the error node to the forward's inputs saved in ctx, so that differentiating the
+            # gradients w.r.t. those inputs reaches it (and raises) instead of "unused input".
+            anchors = [t for t in ctx.saved_tensors if isinstance(t, Tensor) and t.requires_grad]
 
             def fake(v):
-                if v is not None:
-                    v = v.detach()
-                    v.requires_grad = True
-                return v
+                if v is None:
+                    return None
+                v = v.detach()
+                if anchors:
+                    return v + sum(a.reshape(-1)[:1].sum() * 0 for a in anchors)
+                return v.requires_grad_()
 
             res = err_fn(*[fake(v) for v in outs])
             return res

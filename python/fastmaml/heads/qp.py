@@ -334,14 +334,14 @@ class _DenseQPFunction(torch.autograd.Function):
             kkt, p, h, b, max_iter=max_iter, tol=tol, infeas_tol=infeas_tol)
         z = mask_failed(z, status)
         ctx.kkt, ctx.fac = kkt, fac
-        ctx.save_for_backward(z, lam, y, s, status)
+        ctx.save_for_backward(z, lam, y, s, status, Q, p, G, h, A, b)  # inputs: double-backward error
         ctx.mark_non_differentiable(lam, y, s, status, its, pres, dres, gap)
         return z, lam, y, s, status, its, pres, dres, gap
 
     @staticmethod
     @first_order_only("qp_solve")
     def backward(ctx, gz, *_):
-        z, lam, y, s, status = ctx.saved_tensors
+        z, lam, y, s, status = ctx.saved_tensors[:5]
         kkt = ctx.kkt
         ok = ~failed_mask(status)[:, None]
         gz = torch.where(ok, gz, torch.zeros_like(gz))

@@ -94,7 +94,7 @@ class _CrammerSingerFunction(torch.autograd.Function):
             kkt, p, h, b, max_iter=max_iter, tol=tol)
         z = mask_failed(z, status)
         ctx.kkt, ctx.fac = kkt, fac
-        ctx.save_for_backward(z, status)
+        ctx.save_for_backward(z, status, K)  # K: tie for the double-backward error
         alpha = z.reshape(T, n_way, n).mT  # [T, n, c]
         ctx.mark_non_differentiable(status, its, pres, dres, gap)
         return alpha, status, its, pres, dres, gap
@@ -102,7 +102,7 @@ class _CrammerSingerFunction(torch.autograd.Function):
     @staticmethod
     @first_order_only("svm_crammer_singer_solve")
     def backward(ctx, g_alpha, *_):
-        z, status = ctx.saved_tensors
+        z, status = ctx.saved_tensors[:2]
         kkt = ctx.kkt
         T, c, n = kkt.T, kkt.c, kkt.n
         ok = ~failed_mask(status)
