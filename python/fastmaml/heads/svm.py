@@ -33,10 +33,15 @@ from .qp import QPResult, QPStatus, default_tol, failed_mask, interior_point, ma
 class CrammerSingerKKT:
     """KKT structure of the Crammer-Singer dual, variables class-major ``[T, c, n]`` flattened."""
 
-    def __init__(self, K: Tensor, n_way: int, diag_reg: float):
+    def __init__(self, K: Tensor, n_way: int, diag_reg: float, input_eps: float = 0.0):
         self.T, self.n = K.shape[0], K.shape[1]
         self.c = n_way
-        self.Kr = K + diag_reg * torch.eye(self.n, dtype=K.dtype, device=K.device)  # [T, n, n]
+        # Jitter n * eps(input dtype) * max diag(K): a float32 Gram matrix can be indefinite by
+        # that much, which breaks the Cholesky factorizations once the bound weights W -> 0
+        # (r = 0, singular K). It is below the rounding of K itself.
+        jitter = self.n * input_eps * K.diagonal(dim1=-2, dim2=-1).abs().amax(-1)  # [T]
+        eye = torch.eye(self.n, dtype=K.dtype, device=K.device)
+        self.Kr = K + (diag_reg + jitter)[:, None, None] * eye  # [T, n, n]
         self.N = self.m = self.n * n_way
         self.neq = self.n
 
@@ -84,9 +89,9 @@ class CrammerSingerKKT:
 
 class _CrammerSingerFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, K, Y, n_way, C, diag_reg, max_iter, tol):
+    def forward(ctx, K, Y, n_way, C, diag_reg, max_iter, tol, input_eps):
         T, n, _ = K.shape
-        kkt = CrammerSingerKKT(K, n_way, diag_reg)
+        kkt = CrammerSingerKKT(K, n_way, diag_reg, input_eps)
         y_cm = Y.mT.reshape(T, -1)  # [T, c * n] class-major one-hot
         p, h = -y_cm, C * y_cm
         b = K.new_zeros(T, n)
@@ -113,7 +118,7 @@ class _CrammerSingerFunction(torch.autograd.Function):
         # Q = I_c (x) (K + r I): grad_K = sum_k sym(dz_k a_k^T).
         gK = dZ.mT @ Z
         gK = 0.5 * (gK + gK.mT)
-        return gK, None, None, None, None, None, None
+        return gK, None, None, None, None, None, None, None
 
 
 def _check_svm_inputs(kernel, labels, n_way, C, diag_reg):
@@ -180,7 +185,7 @@ def svm_crammer_singer_solve(kernel: Tensor, support_labels: Tensor, n_way: int,
     Kc = K.to(cdt)
     Y = torch.nn.functional.one_hot(support_labels, n_way).to(cdt)  # [T, n, c]
     alpha, status, its, pres, dres, gap = _CrammerSingerFunction.apply(
-        Kc, Y, n_way, float(C), float(diag_reg), max_iter, tol)
+        Kc, Y, n_way, float(C), float(diag_reg), max_iter, tol, torch.finfo(in_dtype).eps if in_dtype != cdt else 0.0)
     if raise_on_failure:
         raise_if_failed(status, "svm_crammer_singer_solve")
     empty = K.new_zeros(K.shape[0], 0)

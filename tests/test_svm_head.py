@@ -1,0 +1,161 @@
+"""MetaOptNet SVM (Crammer-Singer dual): structured solver vs the generic QP reference vs cvxpy."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmaml.heads.qp import qp_solve
+from fastmaml.heads.svm import svm_crammer_singer_solve, svm_logits
+from fastmaml.reference.heads import crammer_singer_qp_reference
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _heads_oracle import cvxpy_qp_batch  # noqa: E402
+
+F64 = torch.float64
+ORACLE_RTOL = {F64: 1e-6, torch.float32: 1e-4}
+
+
+def _rel_err(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30))
+
+
+def episode(T, n_way, shot, d, seed=0, dtype=F64, q=3):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(T, n_way * shot, d, generator=g, dtype=F64).to(dtype)
+    Xq = torch.randn(T, q, d, generator=g, dtype=F64).to(dtype)
+    labels = torch.arange(n_way).repeat_interleave(shot).repeat(T, 1)
+    perm = torch.randperm(n_way * shot, generator=g)
+    return X[:, perm], labels[:, perm], Xq
+
+
+def oracle_alpha(K, labels, n_way, C, diag_reg=1.0):
+    T, n = labels.shape
+    return cvxpy_qp_batch(*crammer_singer_qp_reference(K.double(), labels, n_way, C, diag_reg)).reshape(T, n, n_way)
+
+
+# ---------------------------------------------------------------------------------------------
+# Maths
+# ---------------------------------------------------------------------------------------------
+def test_svm_gradcheck_wrt_kernel():
+    X, labels, _ = episode(2, 3, 2, 8, seed=1)
+    K = (X @ X.mT).requires_grad_()
+
+    def f(K):
+        return svm_crammer_singer_solve(0.5 * (K + K.mT), labels, 3).z
+
+    assert torch.autograd.gradcheck(f, (K,), atol=1e-7, rtol=1e-4, fast_mode=True)
+
+
+def test_svm_logits_gradcheck_wrt_features_and_double_backward_error():
+    X, labels, Xq = episode(1, 3, 2, 5, seed=2)
+    X, Xq = X.requires_grad_(), Xq.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: svm_logits(a, labels, b, 3)[0], (X, Xq), atol=1e-7, rtol=1e-4, fast_mode=True)
+    (gX,) = torch.autograd.grad(svm_logits(X, labels, Xq, 3)[0].sum(), X, create_graph=True)
+    with pytest.raises(RuntimeError, match="svm_crammer_singer_solve is first-order only"):
+        torch.autograd.grad(gX.sum(), X)
+
+
+def test_svm_gradient_matches_finite_differences_of_cvxpy():
+    X, labels, _ = episode(1, 3, 1, 4, seed=3)
+    K = X @ X.mT
+    w = torch.randn(1, 3, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    Kg = K.clone().requires_grad_()
+    (gK,) = torch.autograd.grad((svm_crammer_singer_solve(Kg, labels, 3, C=0.5).z * w).sum(), Kg)
+    E = torch.zeros_like(K)
+    E[0, 0, 1] = E[0, 1, 0] = 1.0  # a symmetric perturbation of one off-diagonal pair
+    eps = 1e-5
+    fd = ((oracle_alpha(K + eps * E, labels, 3, 0.5) - oracle_alpha(K - eps * E, labels, 3, 0.5)) * w).sum() / (2 * eps)
+    torch.testing.assert_close((gK * E).sum(), fd, atol=1e-6, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference (generic QP on the Kronecker-built problem) and oracle
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("T,n_way,shot,d", [(1, 5, 1, 1600), (3, 5, 5, 64), (17, 2, 3, 7)])
+def test_structured_solver_matches_generic_qp_reference(T, n_way, shot, d):
+    X, labels, _ = episode(T, n_way, shot, d, seed=T)
+    K = X @ X.mT
+    fast = svm_crammer_singer_solve(K, labels, n_way)
+    ref = qp_solve(*crammer_singer_qp_reference(K, labels, n_way, 0.1))
+    assert fast.converged.all() and ref.converged.all()
+    assert _rel_err(fast.z, ref.z.reshape(T, -1, n_way)) < 1e-8
+    # the structured solver takes the same Newton steps, so the same number of iterations
+    assert fast.iterations.tolist() == ref.iterations.tolist()
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize(
+    "case", ["metaoptnet_1shot_d1600", "duplicates_and_zero_features", "small_C", "large_C", "no_diag_reg_singular"]
+)
+def test_svm_matches_cvxpy(case, dtype):
+    C, diag_reg, n_way, shot, d = 0.1, 1.0, 5, 1, 1600
+    if case != "metaoptnet_1shot_d1600":
+        n_way, shot, d = 4, 2, 24
+    X, labels, _ = episode(2, n_way, shot, d, seed=7, dtype=dtype)
+    if case == "duplicates_and_zero_features":
+        X[:, 1] = X[:, 0]
+        X[:, 2] = 0.0
+    if case == "small_C":
+        C = 1e-4
+    if case == "large_C":
+        C = 1e3
+    if case == "no_diag_reg_singular":
+        X = X[..., :3].contiguous()  # rank 3 < n = 8: K is singular, and r = 0
+        diag_reg = 0.0
+    K = X @ X.mT
+    res = svm_crammer_singer_solve(K, labels, n_way, C=C, diag_reg=diag_reg)
+    assert res.converged.all(), res.status_names()
+    assert res.z.dtype == dtype
+    if case == "no_diag_reg_singular":
+        # The solution is not unique in the kernel's null space; compare the decision values.
+        ref = oracle_alpha(K, labels, n_way, C, diag_reg)
+        assert _rel_err(K.double() @ res.z.double(), K.double() @ ref) < ORACLE_RTOL[dtype]
+    else:
+        assert _rel_err(res.z, oracle_alpha(K, labels, n_way, C, diag_reg)) < ORACLE_RTOL[dtype]
+
+
+def test_svm_logits_match_metaoptnet_formula():
+    X, labels, Xq = episode(3, 5, 2, 40, seed=4, q=6)
+    logits, res = svm_logits(X, labels, Xq, 5)
+    alpha = qp_solve(*crammer_singer_qp_reference(X @ X.mT, labels, 5, 0.1)).z.reshape(3, 10, 5)
+    # MetaOptNet: logits[t, j, k] = sum_i alpha[t, i, k] <x_i, xq_j>
+    ref = torch.einsum("tik,tid,tjd->tjk", alpha, X, Xq)
+    assert logits.shape == (3, 6, 5)
+    assert _rel_err(logits, ref) < 1e-8
+
+
+def test_fixed_iterations_report_not_converged():
+    X, labels, _ = episode(2, 5, 5, 64)
+    res = svm_crammer_singer_solve(X @ X.mT, labels, 5, max_iter=3, tol=0.0)
+    assert res.iterations.tolist() == [3, 3] and res.status_names() == ["MAX_ITER"] * 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+def test_bad_inputs_raise():
+    X, labels, Xq = episode(2, 3, 2, 8)
+    K = X @ X.mT
+    with pytest.raises(ValueError, match=r"support_labels must lie in \[0, n_way\) = \[0, 2\)"):
+        svm_crammer_singer_solve(K, labels, 2)
+    with pytest.raises(TypeError, match="support_labels must have dtype torch.int64"):
+        svm_crammer_singer_solve(K, labels.int(), 3)
+    with pytest.raises(ValueError, match=r"support_labels must have shape \[2, 6\]"):
+        svm_crammer_singer_solve(K, labels[:, :5], 3)
+    with pytest.raises(ValueError, match="C must be > 0"):
+        svm_crammer_singer_solve(K, labels, 3, C=-0.1)
+    with pytest.raises(ValueError, match="diag_reg must be >= 0"):
+        svm_crammer_singer_solve(K, labels, 3, diag_reg=-1.0)
+    Ka = K.clone()
+    Ka[0, 0, 1] += 1.0
+    with pytest.raises(ValueError, match="kernel must be symmetric"):
+        svm_crammer_singer_solve(Ka, labels, 3)
+    Kn = K.clone()
+    Kn[1, 2, 2] = float("inf")
+    with pytest.raises(ValueError, match="kernel must be finite"):
+        svm_crammer_singer_solve(Kn, labels, 3)
+    with pytest.raises(ValueError, match=r"query_features must have shape \[2, q, 8\]"):
+        svm_logits(X, labels, Xq[..., :7], 3)
+    with pytest.raises(ValueError, match="n_way must be >= 1"):
+        svm_crammer_singer_solve(K, labels, 0)
