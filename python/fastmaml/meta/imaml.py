@@ -10,6 +10,7 @@ the path to ``phi*``).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -121,6 +122,10 @@ class IMAMLGradient(torch.autograd.Function):
 
         x, info = batched_cg(matvec, b, max_iter=ctx.cg_iters, tol=ctx.cg_tol)
         cfg.info.update({"cg_" + k: v for k, v in info.items()})
+        if bool(info["indefinite"].any()):
+            bad = info["indefinite"].nonzero().flatten().tolist()
+            warnings.warn(f"iMAML: I + H/lam is indefinite for tasks {bad} (CG stopped there with relative residual "
+                          f"{info['residual'][bad].tolist()}); increase imaml_lambda", RuntimeWarning, stacklevel=2)
         grad_a = [xi.sum(0) for xi in x] if not tm.context else []
         grad_f = []
         if cfg.n_f:
