@@ -37,6 +37,17 @@ inline std::vector<RowChunk> make_row_chunks(at::TensorList tensors, int64_t num
   return chunks;
 }
 
+// Below this many elements in all, waking a second thread costs more than it saves (the same
+// threshold as ATen's elementwise kernels).
+constexpr int64_t kSerialElements = 32768;
+
+// parallel_for grain: everything in one piece for small calls, one chunk per piece otherwise.
+inline int64_t parallel_grain(const std::vector<RowChunk>& chunks) {
+  int64_t total = 0;
+  for (const auto& c : chunks) total += c.length;
+  return total < kSerialElements ? static_cast<int64_t>(chunks.size()) + 1 : 1;
+}
+
 // Checks that the native kernels rely on. The Python front end gives friendlier messages for the
 // same conditions; these guard direct calls of torch.ops.fastmaml.*.
 inline void check_task_list(at::TensorList tensors, const char* name, int64_t num_tasks,

@@ -163,3 +163,17 @@ def test_fd_bad_input():
         fastmaml.fd_perturb(x, x, r, sign=2.0)
     with pytest.raises(ValueError, match="r must be finite and nonzero"):
         fastmaml.fd_combine(x, x, torch.tensor([1.0, 0.0, 1.0]))
+
+
+def test_step_after_inference_mode_still_differentiates():
+    # Python step sizes become cached constants: one made under inference_mode must not poison
+    # later differentiable calls.
+    theta = [torch.randn(2, 3, dtype=torch.float64)]
+    with torch.inference_mode():
+        fastmaml.inner_sgd_step(theta, theta, 0.123)
+    t = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    (phi,) = fastmaml.inner_sgd_step([t], [g], 0.123)
+    phi.sum().backward()
+    torch.testing.assert_close(g.grad, torch.full_like(g, -0.123))
+    torch.testing.assert_close(t.grad, torch.ones_like(t))

@@ -112,12 +112,13 @@ void task_axpby_into(at::TensorList x, at::TensorList y, at::TensorList alpha,
                      at::TensorList out) {
   const int64_t T = x[0].size(0);
   const auto chunks = make_row_chunks(x, T);
+  const int64_t grain = parallel_grain(chunks);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x[0].scalar_type(), "task_axpby_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;  // float for float/half: double would halve the SIMD width
     const scalar_t* xs = x_scale.has_value() ? x_scale->data_ptr<scalar_t>() : nullptr;
     const scalar_t* ys = y_scale.has_value() ? y_scale->data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), grain, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         const RowChunk& ch = chunks[c];
         const int64_t inner = x[ch.tensor].numel() / T;
@@ -161,13 +162,14 @@ at::Tensor task_dot_cpu(at::TensorList a, at::TensorList b) {
   check_task_dot_inputs(a, b);
   const int64_t T = a[0].size(0);
   const auto chunks = make_row_chunks(a, T);
+  const int64_t grain = parallel_grain(chunks);
   at::Tensor result = at::empty({T}, a[0].options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a[0].scalar_type(), "task_dot_cpu", [&] {
     // Partial sums in double per chunk, then a fixed-order sum per task: deterministic for any
     // number of threads, and float32 inputs lose nothing to accumulation over ~1e6 terms.
     std::vector<double> partial(chunks.size(), 0.0);
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), grain, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         const RowChunk& ch = chunks[c];
         const int64_t offset = ch.task * (a[ch.tensor].numel() / T) + ch.begin;

@@ -1,4 +1,5 @@
 """Loads the compiled module ``fastmaml._C`` (which registers ``torch.ops.fastmaml.*``)."""
+import functools
 import os
 
 import torch  # noqa: F401  (must precede the compiled module)
@@ -27,6 +28,7 @@ def build_info() -> dict:
     return info
 
 
+@functools.lru_cache(maxsize=None)
 def has_native_device(device_type: str) -> bool:
     """Whether the compiled ops have a kernel registered for this device type."""
     if _C is None:

@@ -159,6 +159,23 @@ def _get_triton_ops():
 # ----------------------------------------------------------------------------------------------
 # Public entry points.
 # ----------------------------------------------------------------------------------------------
+_CONSTANTS: dict = {}
+
+
+def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A cached 0-dim tensor for a Python step size: saves a host-to-device copy per call."""
+    if torch.compiler.is_compiling():  # traced code must create its constants, not capture ours
+        return torch.tensor(value, dtype=dtype, device=device)
+    key = (value, dtype, device)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        if len(_CONSTANTS) > 256:  # step sizes are few; a schedule that sweeps many must not grow this
+            _CONSTANTS.clear()
+        with torch.inference_mode(False):  # an inference tensor could not be saved for backward later
+            t = _CONSTANTS[key] = torch.tensor(value, dtype=dtype, device=device)
+    return t
+
+
 def _normalize_alpha(alpha: StepSizes, x: Sequence[Tensor], check_finite: bool) -> list[Tensor]:
     """Turn a step size spec into one tensor per x_i: 1 element, or x_i.shape[1:]."""
     n, like = len(x), x[0]
@@ -168,17 +185,14 @@ def _normalize_alpha(alpha: StepSizes, x: Sequence[Tensor], check_finite: bool) 
         items = list(alpha)
     else:
         items = [alpha] * n
-    out, cache = [], {}
+    out = []
     for i, a in enumerate(items):
         if isinstance(a, bool) or not isinstance(a, (int, float, Tensor)):
             raise TypeError(f"alpha[{i}] must be a float or a tensor, got {type(a).__name__}")
         if not isinstance(a, Tensor):
             if check_finite and not torch.isfinite(torch.tensor(float(a))):
                 raise ValueError(f"alpha[{i}] must be finite, got {a}")
-            key = float(a)
-            if key not in cache:
-                cache[key] = torch.tensor(key, dtype=like.dtype, device=like.device)
-            out.append(cache[key])
+            out.append(_constant(float(a), like.dtype, like.device))
             continue
         inner = tuple(x[i].shape[1:])
         if a.numel() != 1 and tuple(a.shape) != inner:
