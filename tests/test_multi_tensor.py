@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fastmaml
+from fastmaml import backend as B
 from fastmaml.reference import task_axpby_reference, task_dot_reference
 
 from conftest import ALL_BACKEND_PARAMS, TOLERANCES, make_task_tensors
@@ -48,6 +49,23 @@ def test_native_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.fastmaml.task_axpby.default, (x, y, alpha, s, s))
     torch.library.opcheck(torch.ops.fastmaml.task_axpby.default, (x, y, alpha, None, None))
     torch.library.opcheck(torch.ops.fastmaml.task_dot.default, (x, y))
+
+
+@pytest.mark.skipif(not B.is_available("triton", torch.device("cpu")) and not torch.cuda.is_available(),
+                    reason="triton not available")
+def test_triton_ops_pass_opcheck():
+    from fastmaml.ops.multi_tensor import _get_triton_ops
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    axpby, dot, axpby_ = _get_triton_ops()
+    x = make_task_tensors(3, [(5,), (2, 3)], torch.float64, device, seed=0, requires_grad=True)
+    y = make_task_tensors(3, [(5,), (2, 3)], torch.float64, device, seed=1, requires_grad=True)
+    alpha = [torch.tensor(0.3, dtype=torch.float64, device=device, requires_grad=True) for _ in x]
+    s = torch.rand(3, dtype=torch.float64, device=device, requires_grad=True)
+    torch.library.opcheck(axpby, (x, y, alpha, s, s))
+    torch.library.opcheck(dot, (x, y))
+    plain = [t.detach().clone() for t in x]
+    torch.library.opcheck(axpby_, (plain, [t.detach() for t in y], [a.detach() for a in alpha], None, None))
 
 
 # --- agreement with the reference ----------------------------------------------------------------
