@@ -135,3 +135,18 @@ def test_hvp_rejects_bad_input():
         hvp(tm.task_loss, phi, v, x[:2], y, mode="exact")
     with pytest.raises(ValueError, match="expected"):
         hvp(tm.task_loss, phi, [w[:, :1] for w in v], x, y)
+
+
+@pytest.mark.parametrize("mode", HVP_MODES)
+def test_shared_params_match_repeated_params(mode):
+    """The first inner step runs from theta shared by all tasks: same HVPs and gradients as repeating it."""
+    tm, _, fixed, v, x, y = problem("conv", 3, "head")
+    theta = [p.detach() for p in tm.theta_adapted()]
+    rep = tm.initial_adapted(theta, 3)
+    a = hvp(tm.task_loss, rep, v, x, y, fixed=fixed, mode=mode)
+    b = hvp(tm.task_loss, theta, v, x, y, fixed=fixed, mode=mode, shared_params=True)
+    tol = 1e-12 if "reverse" in mode else 1e-6
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    ga = batched_grad(tm.task_loss, rep, fixed, x, y, wrt_fixed=True)
+    gb = batched_grad(tm.task_loss, theta, fixed, x, y, wrt_fixed=True, shared_params=True)
+    torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-13)

@@ -149,6 +149,13 @@ class TaskModel:
             return [like.new_zeros(num_tasks, self.context_dim)]
         return [t.detach().unsqueeze(0).expand(num_tasks, *t.shape).contiguous() for t in theta_adapted]
 
+    def shared_start(self, theta_adapted: Sequence[Tensor]) -> list[Tensor]:
+        """``phi_0`` without the task dimension (every task starts there): ``theta`` or CAVIA's zero context."""
+        if self.context:
+            like = next(self.model.parameters())
+            return [like.new_zeros(self.context_dim)]
+        return [t.detach() for t in theta_adapted]
+
     # -- the per-task function ----------------------------------------------------------------
     def forward(self, adapted: Sequence[Tensor], fixed: Sequence[Tensor], x: Tensor) -> Tensor:
         """The model's output for one task (call inside ``vmap`` for a batch of tasks).

@@ -55,12 +55,12 @@ def resolve_hvp_mode(mode: str) -> str:
     return mode
 
 
-def _in_dims(n_task_args: int):
-    return (0, None) + (0,) * n_task_args
+def _in_dims(n_task_args: int, shared_params: bool = False):
+    return (None if shared_params else 0, None) + (0,) * n_task_args
 
 
 def batched_grad(task_loss: TaskLoss, params: Sequence[Tensor], fixed: Sequence[Tensor], *task_args: Tensor,
-                 wrt_fixed: bool = False):
+                 wrt_fixed: bool = False, shared_params: bool = False):
     """Per-task gradients ``vmap(grad(L))``.
 
     Args:
@@ -69,6 +69,9 @@ def batched_grad(task_loss: TaskLoss, params: Sequence[Tensor], fixed: Sequence[
         fixed: tensors shared by the tasks (no task dimension).
         *task_args: per-task data ``[T, ...]``.
         wrt_fixed: also return the per-task gradients with respect to ``fixed`` (``[T, ...]``).
+        shared_params: ``params`` have no task dimension: every task starts from the same point
+            (the first inner step from ``theta``). Layers then run once on all tasks' data
+            (a plain conv / matmul instead of a grouped / batched one).
 
     Returns:
         ``(losses [T], grads_params, grads_fixed)``; ``grads_fixed`` is ``[]`` unless ``wrt_fixed``.
@@ -86,7 +89,7 @@ def batched_grad(task_loss: TaskLoss, params: Sequence[Tensor], fixed: Sequence[
         return loss, loss
 
     gfn = grad(with_aux, argnums=(0, 1) if wrt else 0, has_aux=True)
-    grads, losses = vmap(gfn, in_dims=_in_dims(len(task_args)))(params, fixed, *task_args)
+    grads, losses = vmap(gfn, in_dims=_in_dims(len(task_args), shared_params))(params, fixed, *task_args)
     if wrt:
         return losses, list(grads[0]), list(grads[1])
     return losses, list(grads), []
@@ -120,7 +123,8 @@ def _cast(ts, dtype):
 
 def hvp(task_loss: TaskLoss, params: Sequence[Tensor], v: Sequence[Tensor], *task_args: Tensor,
         fixed: Sequence[Tensor] = (), mode: str = "forward_over_reverse", r: Optional[Tensor] = None,
-        saved_grad: Optional[Sequence[Tensor]] = None, fd_dtype: Optional[torch.dtype] = None):
+        saved_grad: Optional[Sequence[Tensor]] = None, fd_dtype: Optional[torch.dtype] = None,
+        shared_params: bool = False):
     """Batched Hessian-vector products ``H_t v_t`` of per-task losses.
 
     Args:
@@ -139,6 +143,7 @@ def hvp(task_loss: TaskLoss, params: Sequence[Tensor], v: Sequence[Tensor], *tas
             ``fd_dtype`` differs from the dtype of ``params``.
         fd_dtype: dtype in which finite-difference gradients are evaluated and differenced
             (e.g. ``torch.float64`` for float32 models with ReLU; see the module docstring).
+        shared_params: ``params`` have no task dimension (the same point for every task).
 
     Returns:
         ``(hv_params, hv_fixed)``: lists of ``[T, ...]`` tensors in the dtype of ``params``;
@@ -154,8 +159,14 @@ def hvp(task_loss: TaskLoss, params: Sequence[Tensor], v: Sequence[Tensor], *tas
     params = V.check_tensor_list(params, "params")
     v = V.check_tensor_list(v, "v")
     V.check_same_length(params=params, v=v)
-    num_tasks = V.check_task_tensors(params, "params")
-    V.check_task_tensors(v, "v", like=params)
+    if shared_params:
+        num_tasks = V.check_task_tensors(v, "v")
+        for i, (p, w) in enumerate(zip(params, v)):
+            if p.shape != w.shape[1:]:
+                raise ValueError(f"params[{i}] has shape {tuple(p.shape)}; with shared_params expected {tuple(w.shape[1:])}")
+    else:
+        num_tasks = V.check_task_tensors(params, "params")
+        V.check_task_tensors(v, "v", like=params)
     for i, a in enumerate(task_args):
         if not isinstance(a, Tensor) or a.dim() < 1 or a.shape[0] != num_tasks:
             shape = tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__
@@ -169,7 +180,8 @@ def hvp(task_loss: TaskLoss, params: Sequence[Tensor], v: Sequence[Tensor], *tas
             gfn = lambda p_: grad(task_loss, argnums=(0, 1) if wrt else 0)(p_, f, *args)  # noqa: E731
             return jvp(gfn, (p,), (vv,))[1]
 
-        out = vmap(one, in_dims=(0, None, 0) + (0,) * len(task_args))(params, fixed, v, *task_args)
+        out = vmap(one, in_dims=(None if shared_params else 0, None, 0) + (0,) * len(task_args))(
+            params, fixed, v, *task_args)
         return (list(out[0]), list(out[1])) if wrt else (list(out), [])
 
     if mode == "reverse_over_reverse":
@@ -180,10 +192,13 @@ def hvp(task_loss: TaskLoss, params: Sequence[Tensor], v: Sequence[Tensor], *tas
             _, pull = vjp(lambda p_: grad(task_loss, argnums=0)(p_, f, *args), p)
             return pull(vv)[0]
 
-        out = vmap(one, in_dims=(0, None, 0) + (0,) * len(task_args))(params, fixed, v, *task_args)
+        out = vmap(one, in_dims=(None if shared_params else 0, None, 0) + (0,) * len(task_args))(
+            params, fixed, v, *task_args)
         return (list(out[0]), list(out[1])) if wrt else (list(out), [])
 
     # -- finite differences ------------------------------------------------------------------
+    if shared_params:
+        params = tuple(p.unsqueeze(0).expand(num_tasks, *p.shape) for p in params)
     scheme = "forward" if mode == "fd_forward" else "central"
     dtype = params[0].dtype
     ev = fd_dtype or dtype

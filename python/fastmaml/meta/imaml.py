@@ -88,12 +88,10 @@ class IMAMLGradient(torch.autograd.Function):
         fixed = [t.detach() for t in inputs[n_a:n_a + n_f]]
         lr_tensors = [t.detach() for t in inputs[n_a + n_f:]]
         tm = cfg.task_model
-        num_tasks = cfg.support[0].shape[0]
         per_step = [_resolve_step(s, lr_tensors) for s in cfg.per_step]
         with torch.enable_grad():
-            phi0 = tm.initial_adapted(theta_a, num_tasks)
-            phi, _, sup_losses = run_inner_loop(tm, phi0, fixed, cfg.support, per_step, prox=(lam, phi0),
-                                                check_finite=cfg.check_finite)
+            phi, _, sup_losses = run_inner_loop(tm, tm.shared_start(theta_a), fixed, cfg.support, per_step,
+                                                prox=lam, check_finite=cfg.check_finite, shared_start=True)
             q_losses, gq_a, gq_f = batched_grad(tm.task_loss, phi, fixed, *cfg.query, wrt_fixed=n_f > 0)
         if cfg.check_finite:
             check_losses_finite(q_losses, "query loss after the inner loop")

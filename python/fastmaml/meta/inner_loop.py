@@ -129,44 +129,57 @@ def detached_step(step: Sequence) -> list:
 
 def run_inner_loop(task_model: TaskModel, phi0: Sequence[Tensor], fixed: Sequence[Tensor],
                    support: tuple[Tensor, Tensor], per_step: Sequence[Sequence], *, keep_history: bool = False,
-                   history_fixed_grads: bool = False, prox: Optional[tuple[float, Sequence[Tensor]]] = None,
-                   check_finite: bool = True):
+                   history_fixed_grads: bool = False, prox: Optional[float] = None,
+                   check_finite: bool = True, shared_start: bool = False):
     """K batched inner steps without an autograd graph (the forward pass of the meta-gradient engines).
 
     Args:
         task_model: the per-task loss.
-        phi0: starting point ``[T, ...]`` per adapted tensor.
+        phi0: starting point, ``[T, ...]`` per adapted tensor, or without the task dimension
+            when ``shared_start`` (every task starts from ``theta``: the first step then runs the
+            layers once on all tasks' data, a plain conv / matmul instead of a grouped one).
         fixed: shared tensors the inner loop does not adapt.
         support: ``(x, y)`` stacked ``[T, N, ...]``.
         per_step: ``per_step[k][i]`` step sizes (floats or tensors, see ``normalize_step_sizes``).
-        keep_history: return ``[(phi_k, grad_k)]`` for every step (the custom backward needs them).
+        keep_history: return ``[(phi_k, grad_k, grad_fixed_k, shared_k)]`` for every step (the
+            custom backward needs them; ``shared_k`` says ``phi_k`` has no task dimension).
         history_fixed_grads: also keep the per-task gradients w.r.t. ``fixed`` in the history.
-        prox: ``(lam, center)``: minimize ``L + lam/2 ||phi - center||^2`` instead (iMAML).
+        prox: iMAML's ``lam``: minimize ``L + lam/2 ||phi - phi0||^2`` instead.
         check_finite: raise naming the task when a support loss is not finite.
+        shared_start: ``phi0`` has no task dimension.
 
     Returns:
-        ``(phi_K, history, support_losses)`` with ``support_losses`` a ``[K, T]`` tensor (``[0, T]``
-        for K = 0).
+        ``(phi_K, history, support_losses)``: ``phi_K`` is ``[T, ...]``; ``support_losses`` a
+        ``[K, T]`` tensor (``[0, T]`` for K = 0).
     """
+    num_tasks = support[0].shape[0]
     phi = [p.detach() for p in phi0]
     fixed = [f.detach() for f in fixed]
+    shared = shared_start
+    center = None
     history, losses = [], []
     for k, step in enumerate(per_step):
         with torch.no_grad():
             loss, g, gf = batched_grad(task_model.task_loss, phi, fixed, *support,
-                                       wrt_fixed=history_fixed_grads)
+                                       wrt_fixed=history_fixed_grads, shared_params=shared)
         if check_finite:
             check_losses_finite(loss, f"inner step {k} (support loss)")
         losses.append(loss)
         if keep_history:
-            history.append((phi, g, gf))
+            history.append((phi, g, gf, shared))
         with torch.no_grad():
+            if shared:
+                phi = [p.unsqueeze(0).expand(num_tasks, *p.shape) for p in phi]
+                shared = False
             if prox is not None:
-                lam, center = prox
+                if center is None:
+                    center = [p.contiguous() for p in phi]
                 # g + lam * (phi - center), fused
-                g = task_axpby(g, task_axpby(phi, center, 1.0, check_finite=False), -float(lam), check_finite=False)
+                g = task_axpby(g, task_axpby(phi, center, 1.0, check_finite=False), -float(prox), check_finite=False)
             phi = task_axpby(phi, g, detached_step(step), check_finite=False)
-    stacked = torch.stack(losses) if losses else phi[0].new_zeros(0, phi[0].shape[0])
+    if shared:  # K = 0
+        phi = [p.unsqueeze(0).expand(num_tasks, *p.shape) for p in phi]
+    stacked = torch.stack(losses) if losses else phi[0].new_zeros(0, num_tasks)
     return phi, history, stacked
 
 
@@ -197,8 +210,9 @@ def adapt(task_model: TaskModel, support: tuple[Tensor, Tensor], num_steps: int,
     per_step, _ = normalize_step_sizes(lr, num_steps, _adapted_shapes(task_model))
     fixed = task_model.theta_fixed()
     if not create_graph:
-        phi0 = task_model.initial_adapted(theta_a, num_tasks)
-        return run_inner_loop(task_model, phi0, fixed, support, per_step)[0]
+        phi = run_inner_loop(task_model, task_model.shared_start(theta_a), fixed, support, per_step,
+                             shared_start=True)[0]
+        return [p.contiguous() for p in phi]
     from ..reference.meta import inner_loop_reference
 
     return inner_loop_reference(task_model, support, per_step, create_graph=True)

@@ -69,17 +69,16 @@ class MetaGradient(torch.autograd.Function):
         fixed = [t.detach() for t in inputs[n_a:n_a + n_f]]
         lr_tensors = [t.detach() for t in inputs[n_a + n_f:]]
         tm = cfg.task_model
-        num_tasks = cfg.support[0].shape[0]
         per_step = [_resolve_step(s, lr_tensors) for s in cfg.per_step]
         second = cfg.algorithm == "maml"
         keep = cfg.algorithm in ("maml", "fomaml")
         fd_reuse = second and cfg.hvp_mode == "fd_forward" and cfg.fd_dtype in (None, theta_a[0].dtype if theta_a
                                                                                  else fixed[0].dtype)
         with torch.enable_grad():  # torch.func transforms inside need grad mode
-            phi0 = tm.initial_adapted(theta_a, num_tasks)
+            phi0 = tm.shared_start(theta_a)
             phi, history, sup_losses = run_inner_loop(tm, phi0, fixed, cfg.support, per_step, keep_history=keep,
                                                       history_fixed_grads=fd_reuse and n_f > 0,
-                                                      check_finite=cfg.check_finite)
+                                                      check_finite=cfg.check_finite, shared_start=True)
             if cfg.query is not None:
                 q_losses, gq_a, gq_f = batched_grad(tm.task_loss, phi, fixed, *cfg.query, wrt_fixed=n_f > 0)
             else:  # Reptile without query: report the adapted support loss
@@ -115,7 +114,7 @@ class MetaGradient(torch.autograd.Function):
         per_step = [_resolve_step(s, lr_tensors) for s in cfg.per_step]
         tm = cfg.task_model
         for k in range(len(ctx.history) - 1, -1, -1):
-            phi_k, g_k, gf_k = ctx.history[k]
+            phi_k, g_k, gf_k, shared_k = ctx.history[k]
             step = per_step[k]
             # d/dalpha_k = -sum_t v_{k+1} * g_k
             for a_ref, a, vi, gi in zip(cfg.per_step[k], step, v, g_k):
@@ -129,7 +128,8 @@ class MetaGradient(torch.autograd.Function):
             u = [vi * a for vi, a in zip(v, step)]  # alpha_k * v_{k+1}
             with torch.enable_grad():
                 hv_a, hv_f = hvp(tm.task_loss, phi_k, u, *cfg.support, fixed=fixed, mode=cfg.hvp_mode,
-                                 saved_grad=(g_k + gf_k) if ctx.fd_reuse else None, fd_dtype=cfg.fd_dtype)
+                                 saved_grad=(g_k + gf_k) if ctx.fd_reuse else None, fd_dtype=cfg.fd_dtype,
+                                 shared_params=shared_k)
             v = task_axpby(v, hv_a, 1.0, check_finite=False)  # v - H u
             for i, h in enumerate(hv_f):
                 grad_f[i] = grad_f[i] - h.sum(0)
