@@ -50,16 +50,20 @@ def _task_axpby_kernel(
 
     offs = start + tl.arange(0, BLOCK)
     mask = offs < numel
-    task = offs // inner
-    col = offs - task * inner
     x = tl.load(x_ptr + offs, mask=mask, other=0).to(ACC)
     y = tl.load(y_ptr + offs, mask=mask, other=0).to(ACC)
-    a_idx = tl.where(a_numel == 1, 0, col)
+    # 64-bit divisions only where they are needed: a scalar step size is one broadcast address,
+    # and the task index only matters when there are per-task scales.
+    a_idx = offs * 0
+    if a_numel != 1:
+        a_idx = offs % inner
     a = tl.load(a_ptr + a_idx, mask=mask, other=0).to(ACC)
-    if HAS_X_SCALE:
-        x = x * tl.load(x_scale_ptr + task, mask=mask, other=0).to(ACC)
-    if HAS_Y_SCALE:
-        a = a * tl.load(y_scale_ptr + task, mask=mask, other=0).to(ACC)
+    if HAS_X_SCALE or HAS_Y_SCALE:
+        task = offs // inner
+        if HAS_X_SCALE:
+            x = x * tl.load(x_scale_ptr + task, mask=mask, other=0).to(ACC)
+        if HAS_Y_SCALE:
+            a = a * tl.load(y_scale_ptr + task, mask=mask, other=0).to(ACC)
     tl.store(o_ptr + offs, (x - a * y).to(DTYPE), mask=mask)
 
 
