@@ -162,7 +162,7 @@ def _max_step(v: Tensor, dv: Tensor) -> Tensor:
     """Largest a in (0, inf] with v + a dv >= 0, per task ([T, m] -> [T])."""
     if v.shape[-1] == 0:
         return v.new_full(v.shape[:1], float("inf"))
-    ratio = torch.where(dv < 0, -v / dv.clamp(max=-1e-300), torch.full_like(v, float("inf")))
+    ratio = torch.where(dv < 0, -v / dv.clamp(max=-1e-300), float("inf"))
     return ratio.amin(-1)
 
 
@@ -171,7 +171,7 @@ def _inf_norm(v: Tensor) -> Tensor:
 
 
 def interior_point(kkt, p: Tensor, h: Tensor, b: Tensor, *, max_iter: int, tol: float,
-                   infeas_tol: float = 1e-8):
+                   infeas_tol: float = 1e-8, certificates: bool = True):
     """Run Mehrotra's predictor-corrector on a KKT structure.
 
     Args:
@@ -179,6 +179,7 @@ def interior_point(kkt, p: Tensor, h: Tensor, b: Tensor, *, max_iter: int, tol: 
         p: ``[T, N]``; h: ``[T, m]``; b: ``[T, neq]``.
         max_iter: iteration cap. tol: stopping tolerance (``0`` runs exactly ``max_iter`` steps).
         infeas_tol: tolerance of the infeasibility and unboundedness certificates.
+        certificates: look for them (structures known feasible and bounded may skip it).
 
     Returns:
         ``(z, lam, y, s, status, iterations, pres, dres, gap, factor)``; ``factor`` is the Newton
@@ -222,14 +223,15 @@ def interior_point(kkt, p: Tensor, h: Tensor, b: Tensor, *, max_iter: int, tol: 
         # Relative gap: the SVM dual's objective is ~1e-2 with entries ~1e-4, so a "1 +" here
         # would turn the test into an absolute one and stop 3e-7 (relative) short of the optimum.
         gap = (s * lam).sum(-1) / obj.abs().clamp(min=1e-8)
-        finite = torch.isfinite(z).all(-1) & torch.isfinite(lam).all(-1) & torch.isfinite(y).all(-1)
-        finite &= torch.isfinite(s).all(-1)
-        status[running & ~finite] = int(QPStatus.NUMERICAL_ERROR)
-        running = status == int(QPStatus.MAX_ITER)
-
+        # merit is NaN when any iterate entry is: one check covers all of them
         merit = torch.maximum(torch.maximum(pres, dres), gap)
+        finite = torch.isfinite(merit) & torch.isfinite(z).all(-1)
+        MAXIT = int(QPStatus.MAX_ITER)
+        status = torch.where(running & ~finite, int(QPStatus.NUMERICAL_ERROR), status)
+        running = status == MAXIT
+
         better = running & (merit < best_merit)
-        stall = torch.where(running & (merit < 0.9 * best_merit), torch.zeros_like(stall), stall + 1)
+        stall = torch.where(running & (merit < 0.9 * best_merit), 0, stall + 1)
         cur = (z, lam, y, s, pres, dres, gap)
         if best is None:
             best = cur
@@ -238,31 +240,33 @@ def interior_point(kkt, p: Tensor, h: Tensor, b: Tensor, *, max_iter: int, tol: 
         best_merit = torch.where(better, merit, best_merit)
 
         if tol > 0:
-            status[running & (merit <= tol)] = int(QPStatus.SOLVED)
-        # Primal infeasibility: lam >= 0, y with G^T lam + A^T y ~ 0 and h^T lam + b^T y < 0.
-        t_p = -((h * lam).sum(-1) + (b * y).sum(-1))
-        cert_p = (t_p > 0) & (_inf_norm(GTl_ATy) <= infeas_tol * t_p)
-        # Unboundedness: a ray z with Q z ~ 0, A z ~ 0, G z <~ 0 and p^T z < 0.
-        t_d = -(p * z).sum(-1)
-        cert_d = (t_d > 0) & (_inf_norm(Qz) <= infeas_tol * t_d) & (_inf_norm(r_eq + b) <= infeas_tol * t_d)
-        if m:
-            cert_d &= Gz.amax(-1).clamp(min=0) <= infeas_tol * t_d
-        still = status == int(QPStatus.MAX_ITER)
-        status[still & cert_p] = int(QPStatus.PRIMAL_INFEASIBLE)
-        status[still & cert_d & ~cert_p] = int(QPStatus.DUAL_INFEASIBLE)
+            status = torch.where(running & (merit <= tol), int(QPStatus.SOLVED), status)
+        if certificates:
+            # Primal infeasibility: lam >= 0, y with G^T lam + A^T y ~ 0 and h^T lam + b^T y < 0.
+            t_p = -((h * lam).sum(-1) + (b * y).sum(-1))
+            cert_p = (t_p > 0) & (_inf_norm(GTl_ATy) <= infeas_tol * t_p)
+            # Unboundedness: a ray z with Q z ~ 0, A z ~ 0, G z <~ 0 and p^T z < 0.
+            t_d = -(p * z).sum(-1)
+            cert_d = (t_d > 0) & (_inf_norm(Qz) <= infeas_tol * t_d) & (_inf_norm(r_eq + b) <= infeas_tol * t_d)
+            if m:
+                cert_d &= Gz.amax(-1).clamp(min=0) <= infeas_tol * t_d
+            still = status == MAXIT
+            status = torch.where(still & cert_p, int(QPStatus.PRIMAL_INFEASIBLE), status)
+            status = torch.where(still & cert_d & ~cert_p, int(QPStatus.DUAL_INFEASIBLE), status)
         # Near the solution (best merit <= 1e-6), no 10% progress in 5 iterations: the attainable
         # accuracy is reached. (Early iterates are not monotone in the merit; tol = 0 never stops.)
-        stalled = (status == int(QPStatus.MAX_ITER)) & (stall >= 5) & (best_merit <= 1e-6) & (tol > 0)
-        status[stalled & (best_merit <= tol)] = int(QPStatus.SOLVED)
-        status[stalled & (best_merit > tol)] = int(QPStatus.INACCURATE)
-        running = status == int(QPStatus.MAX_ITER)
+        if tol > 0:
+            stalled = (status == MAXIT) & (stall >= 5) & (best_merit <= 1e-6)
+            status = torch.where(stalled, torch.where(best_merit <= tol, int(QPStatus.SOLVED),
+                                                      int(QPStatus.INACCURATE)), status)
+        running = status == MAXIT
         if it == max_iter or not bool(running.any()):
             break
 
         w = lam / s
         fac, bad = kkt.factor(s, lam)
-        status[running & bad] = int(QPStatus.NUMERICAL_ERROR)
-        running = status == int(QPStatus.MAX_ITER)
+        status = torch.where(running & bad, int(QPStatus.NUMERICAL_ERROR), status)
+        running = status == MAXIT
 
         def newton(rc):
             rz = -r_d - kkt.GT_mv(w * r_in - rc / s)
@@ -275,12 +279,13 @@ def interior_point(kkt, p: Tensor, h: Tensor, b: Tensor, *, max_iter: int, tol: 
         # Predictor (affine scaling), then Mehrotra's corrector with the same factorization.
         dz, dy, dlam, ds = newton(s * lam)
         if m:
-            a_aff = torch.minimum(_max_step(s, ds), _max_step(lam, dlam)).clamp(max=1.0)[:, None]
+            sl = torch.cat([s, lam], -1)
+            a_aff = _max_step(sl, torch.cat([ds, dlam], -1)).clamp(max=1.0)[:, None]
             mu_aff = ((s + a_aff * ds) * (lam + a_aff * dlam)).sum(-1) / m
             sigma = (mu_aff / mu.clamp(min=torch.finfo(dt).tiny)).clamp(0, 1) ** 3
             rc = s * lam + ds * dlam - (sigma * mu)[:, None]
             dz, dy, dlam, ds = newton(rc)
-            alpha = (0.99 * torch.minimum(_max_step(s, ds), _max_step(lam, dlam))).clamp(max=1.0)
+            alpha = (0.99 * _max_step(sl, torch.cat([ds, dlam], -1))).clamp(max=1.0)
         else:
             alpha = torch.ones(T, dtype=dt, device=dev)
         alpha = torch.where(running, alpha, torch.zeros_like(alpha))[:, None]

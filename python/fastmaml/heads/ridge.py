@@ -151,6 +151,54 @@ def gram_pair(X: Tensor, Xq: Tensor) -> tuple[Tensor, Tensor]:
     return _GramPair.apply(X, Xq)
 
 
+class _RidgeLogitsFn(torch.autograd.Function):
+    """``Xq W`` with ``W = X^T (X X^T + lam I)^-1 Y`` and a fused first-order backward.
+
+    Forward: one ``[n, n]`` Cholesky per task; the ``[T, d, c]`` weights are small next to the
+    features (``c <= n``) and cost ``n c d`` flops, fewer than the ``q n d`` of the query Gram
+    matrix whenever ``q n > c (n + q)``. Backward (``gP`` the incoming gradient):
+
+        gW = Xq^T gP,  gXq = gP W^T,  gY = K^-1 X gW  (same factor),  gK = -gY A^T,
+        gX = A gW^T + (gK + gK^T) X   (one buffer, accumulated in place),  glam = tr(gK)
+
+    which allocates one ``[T, n, d]`` buffer for ``gX`` where plain autograd allocates three and
+    sums them. Under ``create_graph=True`` the backward re-runs the composable formulation and
+    differentiates it, so second order stays exact.
+    """
+
+    @staticmethod
+    def forward(ctx, X, Y, Xq, lam):  # X [T, n, d], Y [T, n, c], Xq [T, q, d], lam [T]
+        K = _add_diag(X @ X.mT, lam)  # [T, n, n]
+        L = cholesky_factor(K, "the ridge system matrix", lam == 0)
+        A = torch.cholesky_solve(Y, L)  # [T, n, c]
+        W = X.mT @ A  # [T, d, c]
+        ctx.save_for_backward(X, Y, Xq, lam, A, W)
+        ctx.L = L
+        return Xq @ W  # [T, q, c]
+
+    @staticmethod
+    def backward(ctx, gP):
+        X, Y, Xq, lam, A, W = ctx.saved_tensors
+        need_X, need_Y, need_Xq, need_lam = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # double backward: differentiate the composable form
+            ins = (X, Y, Xq, lam)
+            wrt = [t for t, nd in zip(ins, ctx.needs_input_grad) if nd]
+            P = Xq @ (X.mT @ spd_solve(_add_diag(X @ X.mT, lam), Y))
+            grads = iter(torch.autograd.grad(P, wrt, gP, create_graph=True))
+            return tuple(next(grads) if nd else None for nd in ctx.needs_input_grad)
+        gW = Xq.mT @ gP  # [T, d, c]
+        gXq = gP @ W.mT if need_Xq else None  # [T, q, d]
+        gX = gY = glam = None
+        if need_X or need_Y or need_lam:
+            gY = torch.cholesky_solve(X @ gW, ctx.L)  # K^-1 gA, [T, n, c]
+            gK = -gY @ A.mT  # [T, n, n]
+            if need_X:
+                gX = (A @ gW.mT).baddbmm_(gK + gK.mT, X)  # [T, n, d]
+            if need_lam:
+                glam = gK.diagonal(dim1=-2, dim2=-1).sum(-1)
+        return gX, (gY if need_Y else None), gXq, glam
+
+
 # ----------------------------------------------------------------------------------------------
 # Public ops
 # ----------------------------------------------------------------------------------------------
@@ -221,9 +269,11 @@ def ridge_predict(
 ) -> Tensor:
     """Predictions ``Xq W`` of the ridge solution, without forming ``W`` in the dual form.
 
-    In the dual form (``n < d``) the predictions are ``(Xq X^T) (X X^T + lam I)^-1 Y``: only the
-    Gram matrices ``[T, n, n]`` and ``[T, q, n]`` are formed, never the ``[T, d, c]`` weights, and
-    the backward touches the ``d``-dimensional features in two fused products.
+    In the dual form (``n < d``) one ``[n, n]`` Cholesky per task is all the linear algebra. Of the
+    two ways to reach the queries, the cheaper in flops is taken: ``(Xq X^T) (X X^T + lam I)^-1 Y``
+    from Gram matrices (``q n d`` flops; wins when ``q n <= c (n + q)``, e.g. 1-shot), else the
+    ``[T, d, c]`` weights ``W = X^T (X X^T + lam I)^-1 Y`` (``(n + q) c d`` flops) with a fused
+    backward (``_RidgeLogitsFn``). Both backward passes allocate one buffer per feature gradient.
 
     Args:
         features: ``[T, n, d]`` support features.
@@ -241,9 +291,11 @@ def ridge_predict(
         torch.Size([2, 7, 3])
     """
     X, Y, lam = _check_ridge_inputs(features, targets, lam, query_features)
-    n, d = X.shape[1], X.shape[2]
+    n, d, c, q = X.shape[1], X.shape[2], Y.shape[2], query_features.shape[1]
     if _pick_form(form, n, d) == "dual":
-        G, Kq = gram_pair(X, query_features)  # [T, n, n], [T, q, n]
-        return Kq @ spd_solve(_add_diag(G, lam), Y, None, lam.detach() == 0)  # [T, q, c]
+        if q * n <= c * (n + q):  # e.g. 1-shot: the query Gram matrix is the cheaper route
+            G, Kq = gram_pair(X, query_features)  # [T, n, n], [T, q, n]
+            return Kq @ spd_solve(_add_diag(G, lam), Y, None, lam.detach() == 0)  # [T, q, c]
+        return _RidgeLogitsFn.apply(X, Y, query_features, lam.contiguous())  # [T, q, c]
     W = spd_solve(_add_diag(X.mT @ X, lam), X.mT @ Y, None, lam.detach() == 0)  # [T, d, c]
     return query_features @ W

@@ -36,12 +36,13 @@ class CrammerSingerKKT:
     def __init__(self, K: Tensor, n_way: int, diag_reg: float, input_eps: float = 0.0):
         self.T, self.n = K.shape[0], K.shape[1]
         self.c = n_way
-        # Jitter n * eps(input dtype) * max diag(K): a float32 Gram matrix can be indefinite by
-        # that much, which breaks the Cholesky factorizations once the bound weights W -> 0
-        # (r = 0, singular K). It is below the rounding of K itself.
+        # The diagonal term is at least n * eps(input dtype) * max diag(K): a float32 Gram matrix
+        # can be indefinite by that much, which breaks the Cholesky factorizations once the bound
+        # weights W -> 0 (r ~ 0 with a singular K). It is below the rounding of K itself, and
+        # MetaOptNet's r = 1 is far above it (so it changes nothing there).
         jitter = self.n * input_eps * K.diagonal(dim1=-2, dim2=-1).abs().amax(-1)  # [T]
         eye = torch.eye(self.n, dtype=K.dtype, device=K.device)
-        self.Kr = K + (diag_reg + jitter)[:, None, None] * eye  # [T, n, n]
+        self.Kr = K + jitter.clamp(min=diag_reg)[:, None, None] * eye  # [T, n, n]
         self.N = self.m = self.n * n_way
         self.neq = self.n
 
@@ -96,7 +97,7 @@ class _CrammerSingerFunction(torch.autograd.Function):
         p, h = -y_cm, C * y_cm
         b = K.new_zeros(T, n)
         z, lam, y, s, status, its, pres, dres, gap, fac = interior_point(
-            kkt, p, h, b, max_iter=max_iter, tol=tol)
+            kkt, p, h, b, max_iter=max_iter, tol=tol, certificates=False)  # always feasible, bounded
         z = mask_failed(z, status)
         ctx.kkt, ctx.fac = kkt, fac
         ctx.save_for_backward(z, status, K)  # K: tie for the double-backward error
