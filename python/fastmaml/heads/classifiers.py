@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ._common import check_batched, check_labels, check_like, check_n_way
 from .qp import QPResult
-from .ridge import gram_pair, ridge_predict
+from .ridge import ridge_predict
 from .svm import svm_logits
 
 

@@ -159,10 +159,12 @@ class _RidgeLogitsFn(torch.autograd.Function):
     matrix whenever ``q n > c (n + q)``. Backward (``gP`` the incoming gradient):
 
         gW = Xq^T gP,  gXq = gP W^T,  gY = K^-1 X gW  (same factor),  gK = -gY A^T,
-        gX = A gW^T + (gK + gK^T) X   (one buffer, accumulated in place),  glam = tr(gK)
+        gX = A gW^T + (gK + gK^T) X = A (gW - X^T gY)^T - gY W^T,  glam = tr(gK)
 
-    which allocates one ``[T, n, d]`` buffer for ``gX`` where plain autograd allocates three and
-    sums them. Under ``create_graph=True`` the backward re-runs the composable formulation and
+    The last form never touches an ``[n, n]`` product with the features: the backward costs
+    ``(2 q c + 4 n c) d`` flops where autograd spends ``(2 q c + 2 n c + 2 n^2) d`` (1250 against
+    2000 per feature at 5-way 5-shot, 75 queries), and ``gX`` is one ``[T, n, d]`` buffer where
+    autograd allocates three and sums them. Under ``create_graph=True`` the backward re-runs the composable formulation and
     differentiates it, so second order stays exact.
     """
 
@@ -191,11 +193,14 @@ class _RidgeLogitsFn(torch.autograd.Function):
         gX = gY = glam = None
         if need_X or need_Y or need_lam:
             gY = torch.cholesky_solve(X @ gW, ctx.L)  # K^-1 gA, [T, n, c]
-            gK = -gY @ A.mT  # [T, n, n]
             if need_X:
-                gX = (A @ gW.mT).baddbmm_(gK + gK.mT, X)  # [T, n, d]
+                # (gK + gK^T) X with gK = -gY A^T is -gY W^T - A (X^T gY)^T: 3 n c d flops
+                # instead of the n^2 d of forming it (autograd spends 2 n^2 d), and with the
+                # A gW^T term it is two products into one buffer.
+                V = X.mT @ gY  # [T, d, c]
+                gX = (A @ (gW - V).mT).baddbmm_(gY, W.mT, alpha=-1)  # [T, n, d]
             if need_lam:
-                glam = gK.diagonal(dim1=-2, dim2=-1).sum(-1)
+                glam = -(gY * A).sum((-2, -1))  # tr(gK)
         return gX, (gY if need_Y else None), gXq, glam
 
 
