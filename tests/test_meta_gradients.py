@@ -152,3 +152,15 @@ def test_second_order_backward_is_not_differentiable_again():
     (g,) = torch.autograd.grad(loss, params[:1], create_graph=True)
     with pytest.raises(RuntimeError):
         torch.autograd.grad(g.sum(), params[:1])
+
+
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml"])
+def test_batching_strategies_match_reference(batching, algorithm):
+    tm, sup, qry, lr, lrs = build("conv", "all", "lslr", 2, 3)
+    params = list(tm.model.parameters()) + lrs
+    ref = grads_of(maml_loss(tm, support=sup, query=qry, num_steps=2, lr=lr, engine="autograd",
+                             algorithm=algorithm), params)
+    got = grads_of(maml_loss(tm, support=sup, query=qry, num_steps=2, lr=lr, algorithm=algorithm,
+                             batching=batching), params)
+    assert rel_err(got, ref) < EXACT_TOL

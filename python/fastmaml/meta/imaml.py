@@ -91,8 +91,10 @@ class IMAMLGradient(torch.autograd.Function):
         per_step = [_resolve_step(s, lr_tensors) for s in cfg.per_step]
         with torch.enable_grad():
             phi, _, sup_losses = run_inner_loop(tm, tm.shared_start(theta_a), fixed, cfg.support, per_step,
-                                                prox=lam, check_finite=cfg.check_finite, shared_start=True)
-            q_losses, gq_a, gq_f = batched_grad(tm.task_loss, phi, fixed, *cfg.query, wrt_fixed=n_f > 0)
+                                                prox=lam, check_finite=cfg.check_finite, shared_start=True,
+                                                batching=cfg.batching)
+            q_losses, gq_a, gq_f = batched_grad(tm.task_loss, phi, fixed, *cfg.query, wrt_fixed=n_f > 0,
+                                                batching=cfg.batching)
         if cfg.check_finite:
             check_losses_finite(q_losses, "query loss after the inner loop")
         cfg.info["support_losses"] = sup_losses
@@ -115,7 +117,8 @@ class IMAMLGradient(torch.autograd.Function):
 
         def matvec(p):  # (I + H/lam) p
             with torch.enable_grad():
-                hp, _ = hvp(tm.task_loss, ctx.phi, p, *cfg.support, mode=mode, fd_dtype=cfg.fd_dtype)
+                hp, _ = hvp(tm.task_loss, ctx.phi, p, *cfg.support, mode=mode, fd_dtype=cfg.fd_dtype,
+                            batching=cfg.batching)
             return task_axpby(p, hp, -1.0 / lam, check_finite=False)
 
         x, info = batched_cg(matvec, b, max_iter=ctx.cg_iters, tol=ctx.cg_tol)
@@ -128,6 +131,7 @@ class IMAMLGradient(torch.autograd.Function):
         grad_f = []
         if cfg.n_f:
             with torch.enable_grad():
-                _, hf = hvp(tm.task_loss, ctx.phi, x, *cfg.support, fixed=fixed, mode=mode, fd_dtype=cfg.fd_dtype)
+                _, hf = hvp(tm.task_loss, ctx.phi, x, *cfg.support, fixed=fixed, mode=mode, fd_dtype=cfg.fd_dtype,
+                            batching=cfg.batching)
             grad_f = [(_per_task(w, g) * g).sum(0) - h.sum(0) / lam for g, h in zip(gq_f, hf)]
         return (None, None, None, None, *grad_a, *grad_f, *([None] * ctx.n_lr))

@@ -130,7 +130,7 @@ def detached_step(step: Sequence) -> list:
 def run_inner_loop(task_model: TaskModel, phi0: Sequence[Tensor], fixed: Sequence[Tensor],
                    support: tuple[Tensor, Tensor], per_step: Sequence[Sequence], *, keep_history: bool = False,
                    history_fixed_grads: bool = False, prox: Optional[float] = None,
-                   check_finite: bool = True, shared_start: bool = False):
+                   check_finite: bool = True, shared_start: bool = False, batching: str = "auto"):
     """K batched inner steps without an autograd graph (the forward pass of the meta-gradient engines).
 
     Args:
@@ -147,6 +147,7 @@ def run_inner_loop(task_model: TaskModel, phi0: Sequence[Tensor], fixed: Sequenc
         prox: iMAML's ``lam``: minimize ``L + lam/2 ||phi - phi0||^2`` instead.
         check_finite: raise naming the task when a support loss is not finite.
         shared_start: ``phi0`` has no task dimension.
+        batching: ``"auto"``, ``"vmap"`` or ``"loop"`` over tasks (``fastmaml.meta.hvp.resolve_batching``).
 
     Returns:
         ``(phi_K, history, support_losses)``: ``phi_K`` is ``[T, ...]``; ``support_losses`` a
@@ -161,7 +162,7 @@ def run_inner_loop(task_model: TaskModel, phi0: Sequence[Tensor], fixed: Sequenc
     for k, step in enumerate(per_step):
         with torch.no_grad():
             loss, g, gf = batched_grad(task_model.task_loss, phi, fixed, *support,
-                                       wrt_fixed=history_fixed_grads, shared_params=shared)
+                                       wrt_fixed=history_fixed_grads, shared_params=shared, batching=batching)
         if check_finite:
             check_losses_finite(loss, f"inner step {k} (support loss)")
         losses.append(loss)

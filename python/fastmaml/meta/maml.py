@@ -44,6 +44,7 @@ class EngineConfig:
     hvp_mode: str = "forward_over_reverse"
     fd_dtype: Optional[torch.dtype] = None
     check_finite: bool = True
+    batching: str = "auto"
     info: dict = field(default_factory=dict)
 
 
@@ -78,11 +79,14 @@ class MetaGradient(torch.autograd.Function):
             phi0 = tm.shared_start(theta_a)
             phi, history, sup_losses = run_inner_loop(tm, phi0, fixed, cfg.support, per_step, keep_history=keep,
                                                       history_fixed_grads=fd_reuse and n_f > 0,
-                                                      check_finite=cfg.check_finite, shared_start=True)
+                                                      check_finite=cfg.check_finite, shared_start=True,
+                                                      batching=cfg.batching)
             if cfg.query is not None:
-                q_losses, gq_a, gq_f = batched_grad(tm.task_loss, phi, fixed, *cfg.query, wrt_fixed=n_f > 0)
+                q_losses, gq_a, gq_f = batched_grad(tm.task_loss, phi, fixed, *cfg.query, wrt_fixed=n_f > 0,
+                                                    batching=cfg.batching)
             else:  # Reptile without query: report the adapted support loss
-                q_losses, gq_a, gq_f = batched_grad(tm.task_loss, phi, fixed, *cfg.support, wrt_fixed=False)
+                q_losses, gq_a, gq_f = batched_grad(tm.task_loss, phi, fixed, *cfg.support, wrt_fixed=False,
+                                                    batching=cfg.batching)
         if cfg.check_finite:
             check_losses_finite(q_losses, "query loss after the inner loop")
         cfg.info["support_losses"] = sup_losses
@@ -129,7 +133,7 @@ class MetaGradient(torch.autograd.Function):
             with torch.enable_grad():
                 hv_a, hv_f = hvp(tm.task_loss, phi_k, u, *cfg.support, fixed=fixed, mode=cfg.hvp_mode,
                                  saved_grad=(g_k + gf_k) if ctx.fd_reuse else None, fd_dtype=cfg.fd_dtype,
-                                 shared_params=shared_k)
+                                 shared_params=shared_k, batching=cfg.batching)
             v = task_axpby(v, hv_a, 1.0, check_finite=False)  # v - H u
             for i, h in enumerate(hv_f):
                 grad_f[i] = grad_f[i] - h.sum(0)

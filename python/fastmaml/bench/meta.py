@@ -1,0 +1,347 @@
+"""Benchmark of the meta-gradient engine (fastmaml.meta) against the two usual baselines.
+
+Workloads (the issue's):
+  A: conv4 (64 filters, BN) on 1x28x28, 5-way 1-shot, 15 query per class, T = 8, lr 0.4, second order.
+  B: conv4 (32 filters, BN) on 3x84x84, 5-way 1-shot, 15 query per class, T = 4.
+  C: sinusoid MLP 1-40-40-1, 10 support and 10 query points, 1 inner step, T = 25 and 1000.
+  hvp: HVPs of the conv4 (A) support loss at per-task points, as a multiple of one batched gradient.
+
+Providers of the second-order meta-gradient (d mean_t L_query / d theta):
+  loop_autograd   baseline: per-task loop, torch.autograd.grad(create_graph=True) (learn2learn pattern)
+  func_vmap       baseline: torch.func.vmap of a functional inner loop, outer torch.autograd.grad
+  fastmaml_exact  maml_loss(hvp_mode="forward_over_reverse"): custom backward recursion
+  fastmaml_fd64   maml_loss(hvp_mode="fd_central", fd_dtype=float64)
+  fastmaml_fd32   maml_loss(hvp_mode="fd_forward") in float32 (reuses the saved gradients)
+
+Accuracy: every provider's float32 meta-gradient is compared with the float64 loop_autograd
+reference on the same weights and data; the row is ``ok`` when its relative error is at most
+``max(2 * err(loop_autograd, float32), 1e-5)`` (flash-attention's rule), else ``FAILED`` and it gets
+no speed-up. Time: median (p25-p75) wall time over repeats, in-process, and the median process CPU time. Memory: each (provider, K)
+runs once in a fresh subprocess; the peak extra memory is ru_maxrss after the call minus ru_maxrss
+before it (after model, data and warm-up-free setup): the resident-set high-water mark, which
+counts everything the call allocated at its peak (autograd graph, activations, saved per-step
+parameters), measured by the OS, not by a profiler.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from ..meta.front import maml_loss
+from ..meta.functional import TaskModel
+from ..meta.hvp import batched_grad, hvp
+from ..meta.inner_loop import normalize_step_sizes
+from ..meta.models import Conv4, mse_loss, sinusoid_mlp
+from ..reference.meta import maml_loss_reference
+from ._common import append_csv, environment, print_table
+
+PROVIDERS = ("loop_autograd", "func_vmap", "fastmaml_exact", "fastmaml_fd64", "fastmaml_fd32")
+BASELINES = ("loop_autograd", "func_vmap")
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads
+# ---------------------------------------------------------------------------------------------
+def make_workload(name: str, num_tasks: int, dtype=torch.float32, seed: int = 0):
+    """(model, loss_fn, support, query, lr) for workload A, B or C."""
+    torch.manual_seed(seed)
+    if name in ("A", "B"):
+        channels, filters, size = (1, 64, 28) if name == "A" else (3, 32, 84)
+        net = Conv4(channels, filters, 5, size).to(dtype)
+        xs = torch.randn(num_tasks, 5, channels, size, size, dtype=dtype)
+        ys = torch.arange(5).repeat(num_tasks, 1)
+        xq = torch.randn(num_tasks, 75, channels, size, size, dtype=dtype)
+        yq = torch.arange(5).repeat_interleave(15).repeat(num_tasks, 1)
+        return net, F.cross_entropy, (xs, ys), (xq, yq), 0.4
+    if name == "C":
+        net = sinusoid_mlp().to(dtype)
+        amp = torch.rand(num_tasks, 1, 1, dtype=dtype) * 4.9 + 0.1
+        phase = torch.rand(num_tasks, 1, 1, dtype=dtype) * 3.14159
+        xs = torch.rand(num_tasks, 10, 1, dtype=dtype) * 10 - 5
+        xq = torch.rand(num_tasks, 10, 1, dtype=dtype) * 10 - 5
+        return net, mse_loss, (xs, amp * torch.sin(xs + phase)), (xq, amp * torch.sin(xq + phase)), 0.01
+    raise ValueError(f"unknown workload {name!r}")
+
+
+def _cast(batch, dtype):
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in batch)
+
+
+def provider_fn(provider: str, net, loss_fn, support, query, num_steps: int, lr: float):
+    """A closure computing the meta-gradient (list of tensors, one per parameter)."""
+    tm = TaskModel(net, loss_fn)
+    params = list(net.parameters())
+    if provider == "loop_autograd":
+        per_step, _ = normalize_step_sizes(lr, num_steps, [p.shape for p in params])
+        return lambda: torch.autograd.grad(maml_loss_reference(tm, support, query, per_step).mean(), params)
+    if provider == "func_vmap":
+        names = [n for n, _ in net.named_parameters()]
+        buffers = dict(net.named_buffers())
+
+        def loss(p, x, y):
+            return loss_fn(tm.forward([p[n] for n in names], [], x), y)
+
+        def task(p, xs, ys, xq, yq):
+            for _ in range(num_steps):
+                g = grad(loss)(p, xs, ys)
+                p = {n: p[n] - lr * g[n] for n in names}
+            return loss(p, xq, yq)
+
+        del buffers
+
+        def run():
+            p = dict(zip(names, params))
+            losses = vmap(task, in_dims=(None, 0, 0, 0, 0))(p, *support, *query)
+            return torch.autograd.grad(losses.mean(), params)
+
+        return run
+    kw = {"fastmaml_exact": dict(hvp_mode="forward_over_reverse"),
+          "fastmaml_fd64": dict(hvp_mode="fd_central", fd_dtype=torch.float64),
+          "fastmaml_fd32": dict(hvp_mode="fd_forward"),
+          "fastmaml_revrev": dict(hvp_mode="reverse_over_reverse")}[provider]
+    return lambda: torch.autograd.grad(maml_loss(tm, support=support, query=query, num_steps=num_steps, lr=lr,
+                                                 check_finite=False, **kw), params)
+
+
+def time_wall_and_cpu(fn, repeats: int, warmup: int = 1) -> dict:
+    """Median and quartiles of wall time, and median process CPU time (all threads), in ms.
+
+    On a shared machine the wall time includes waiting for the CPU; the CPU time does not (with one
+    thread it is the compute time). Both are reported; speed-ups are given for both.
+    """
+    import statistics
+    import time
+
+    for _ in range(warmup):
+        fn()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall.append((time.perf_counter() - w0) * 1e3)
+        cpu.append((time.process_time() - c0) * 1e3)
+    q = statistics.quantiles(wall, n=4) if len(wall) >= 2 else [wall[0], wall[0], wall[0]]
+    return {"median_ms": statistics.median(wall), "p25_ms": q[0], "p75_ms": q[2], "n": len(wall),
+            "cpu_ms": statistics.median(cpu)}
+
+
+def rel_err(got, ref) -> float:
+    a = torch.cat([t.double().reshape(-1) for t in got])
+    b = torch.cat([t.double().reshape(-1) for t in ref])
+    return float((a - b).norm() / b.norm())
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory in a fresh subprocess
+# ---------------------------------------------------------------------------------------------
+def _child(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    torch.set_num_threads(spec["threads"])
+    net, loss_fn, sup, qry, lr = make_workload(spec["workload"], spec["tasks"])
+    fn = provider_fn(spec["provider"], net, loss_fn, sup, qry, spec["steps"], lr)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"extra_mb": (after - before) / 1024.0}))
+
+
+def peak_extra_mb(workload: str, tasks: int, provider: str, steps: int, timeout: float = 900) -> float:
+    spec = json.dumps({"workload": workload, "tasks": tasks, "provider": provider, "steps": steps,
+                       "threads": torch.get_num_threads()})
+    code = f"from fastmaml.bench.meta import _child; _child({spec!r})"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if out.returncode != 0:
+        return float("nan")
+    return json.loads(out.stdout.strip().splitlines()[-1])["extra_mb"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------------------------
+def run_meta(workload: str, tasks: int, steps_list, providers, repeats: int, memory_steps, env) -> list[dict]:
+    rows = []
+    for steps in steps_list:
+        net, loss_fn, sup, qry, lr = make_workload(workload, tasks)
+        net64 = make_workload(workload, tasks)[0].double()
+        net64.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in net.state_dict().items()})
+        ref = provider_fn("loop_autograd", net64, loss_fn, _cast(sup, torch.float64), _cast(qry, torch.float64),
+                          steps, lr)()
+        errs, times = {}, {}
+        for p in providers:
+            fn = provider_fn(p, net, loss_fn, sup, qry, steps, lr)
+            try:
+                errs[p] = rel_err(fn(), ref)
+                times[p] = time_wall_and_cpu(fn, repeats)
+            except Exception as exc:  # a provider that cannot run this workload is reported, not hidden
+                errs[p], times[p] = float("nan"), {"median_ms": float("nan"), "p25_ms": float("nan"),
+                                                   "p75_ms": float("nan"), "n": 0, "cpu_ms": float("nan"),
+                                                   "error": repr(exc)[:120]}
+        bound = max(2 * errs.get("loop_autograd", float("nan")), 1e-5)
+        ok = {p: errs[p] <= bound for p in providers}
+        base = [times[b]["median_ms"] for b in BASELINES if b in times and ok.get(b)]
+        fastest = min(base) if base else float("nan")
+        base_cpu = [times[b]["cpu_ms"] for b in BASELINES if b in times and ok.get(b)]
+        fastest_cpu = min(base_cpu) if base_cpu else float("nan")
+        for p in providers:
+            mem = peak_extra_mb(workload, tasks, p, steps) if steps in memory_steps else float("nan")
+            rows.append({**env, "workload": workload, "tasks": tasks, "steps": steps, "provider": p,
+                         **{k: v for k, v in times[p].items() if k != "error"}, "peak_extra_mb": mem,
+                         "rel_err_vs_f64": errs[p], "err_bound": bound,
+                         "check": "ok" if ok[p] else "FAILED",
+                         "speedup_vs_fastest_baseline": fastest / times[p]["median_ms"] if ok[p] else float("nan"),
+                         "cpu_speedup_vs_fastest_baseline": (fastest_cpu / times[p]["cpu_ms"] if ok[p]
+                                                             else float("nan")),
+                         "note": times[p].get("error", "")})
+    return rows
+
+
+def memory_curve(workload: str, tasks: int, steps_list, providers, env) -> list[dict]:
+    rows = []
+    for steps in steps_list:
+        for p in providers:
+            rows.append({**env, "workload": workload, "tasks": tasks, "steps": steps, "provider": p,
+                         "peak_extra_mb": peak_extra_mb(workload, tasks, p, steps), "kind": "memory_curve"})
+    return rows
+
+
+def run_hvp(tasks: int, repeats: int, env) -> list[dict]:
+    """HVPs of the conv4 (A) support loss at per-task points, as a multiple of one batched gradient."""
+    net, loss_fn, (xs, ys), _, _ = make_workload("A", tasks)
+    tm = TaskModel(net, loss_fn)
+    torch.manual_seed(1)
+    phi = [p + 0.01 * torch.randn_like(p) for p in tm.initial_adapted(list(net.parameters()), tasks)]
+    v = [torch.randn_like(p) for p in phi]
+    _, g, _ = batched_grad(tm.task_loss, phi, [], xs, ys)
+    net64 = make_workload("A", tasks)[0].double()
+    net64.load_state_dict({k: v_.double() for k, v_ in net.state_dict().items() if v_.is_floating_point()},
+                          strict=False)
+    ref, _ = hvp(TaskModel(net64, loss_fn).task_loss, [p.double() for p in phi], [w.double() for w in v],
+                 xs.double(), ys, mode="exact")
+
+    def loop_double_backward():
+        out = []
+        for t in range(tasks):
+            p = [q[t].detach().requires_grad_() for q in phi]
+            gt = torch.autograd.grad(tm.task_loss(p, [], xs[t], ys[t]), p, create_graph=True)
+            out.append(torch.autograd.grad(gt, p, [w[t] for w in v]))
+        return [torch.stack([o[i] for o in out]) for i in range(len(phi))]
+
+    def loop_grad():
+        for t in range(tasks):
+            p = [q[t].detach().requires_grad_() for q in phi]
+            torch.autograd.grad(tm.task_loss(p, [], xs[t], ys[t]), p)
+
+    cases = {
+        "gradient (vmap)": (lambda: batched_grad(tm.task_loss, phi, [], xs, ys)[1], False),
+        "gradient (per-task loop)": (loop_grad, False),
+        "double_backward (per-task loop, baseline)": (loop_double_backward, True),
+        "exact forward_over_reverse": (lambda: hvp(tm.task_loss, phi, v, xs, ys, mode="exact")[0], True),
+        "exact reverse_over_reverse": (lambda: hvp(tm.task_loss, phi, v, xs, ys, mode="reverse_over_reverse")[0],
+                                       True),
+        "fd_forward float32 (saved grad)": (lambda: hvp(tm.task_loss, phi, v, xs, ys, mode="fd_forward",
+                                                        saved_grad=g)[0], True),
+        "fd_central float32": (lambda: hvp(tm.task_loss, phi, v, xs, ys, mode="fd_central")[0], True),
+        "fd_forward float64 eval": (lambda: hvp(tm.task_loss, phi, v, xs, ys, mode="fd_forward",
+                                                fd_dtype=torch.float64)[0], True),
+        "fd_central float64 eval": (lambda: hvp(tm.task_loss, phi, v, xs, ys, mode="fd_central",
+                                                fd_dtype=torch.float64)[0], True),
+    }
+    rows = []
+    for name, (fn, is_hvp) in cases.items():
+        err = rel_err(fn(), ref) if is_hvp else float("nan")
+        t = time_wall_and_cpu(fn, repeats)
+        rows.append({**env, "workload": "hvp", "tasks": tasks, "provider": name, **t, "rel_err_vs_f64": err})
+    g_ms, g_cpu = rows[0]["median_ms"], rows[0]["cpu_ms"]
+    for r in rows:
+        r["x_gradient"] = r["median_ms"] / g_ms
+        r["cpu_x_gradient"] = r["cpu_ms"] / g_cpu
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="python -m fastmaml.bench meta", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer K values and repeats")
+    parser.add_argument("--workload", choices=["A", "B", "C", "hvp", "all"], action="append",
+                        help="repeatable; default: all")
+    parser.add_argument("--device", default="cpu", choices=["cpu"], help="CPU only for now")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: the 2 cores here are shared, see docs/meta.md)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the subprocess peak-memory runs")
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS + ("fastmaml_revrev",), default=None)
+    args = parser.parse_args(argv)
+    workloads = args.workload or ["all"]
+    if "all" in workloads:
+        workloads = ["hvp", "C", "A", "B"]
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
+    torch.set_num_threads(args.threads)
+    env = environment(torch.device("cpu"))
+    env["threads"] = torch.get_num_threads()
+    providers = tuple(args.providers or PROVIDERS)
+    repeats = 3 if args.quick else 7
+    all_rows = []
+    meta_cols = [("workload", "wl", "s"), ("tasks", "T", "d"), ("steps", "K", "d"), ("provider", "provider", "s"),
+                 ("median_ms", "median ms", ".1f"), ("p25_ms", "p25", ".1f"), ("p75_ms", "p75", ".1f"),
+                 ("peak_extra_mb", "peak +MB", ".0f"), ("rel_err_vs_f64", "rel err", ".1e"),
+                 ("cpu_ms", "cpu ms", ".1f"), ("check", "check", "s"),
+                 ("speedup_vs_fastest_baseline", "speed-up", ".2f"),
+                 ("cpu_speedup_vs_fastest_baseline", "cpu speed-up", ".2f")]
+    print(f"meta-gradient benchmark: {env['device']}, torch {env['torch']}, commit {env['commit']}, "
+          f"{env['threads']} threads, float32")
+    for wl in workloads:
+        if wl == "hvp":
+            rows = run_hvp(8, repeats, env)
+            print_table(rows, [("provider", "HVP of the conv4 support loss (T=8)", "s"),
+                               ("median_ms", "median ms", ".1f"), ("p25_ms", "p25", ".1f"), ("p75_ms", "p75", ".1f"),
+                               ("x_gradient", "x gradient", ".2f"), ("cpu_ms", "cpu ms", ".1f"),
+                               ("cpu_x_gradient", "cpu x gradient", ".2f"), ("rel_err_vs_f64", "rel err", ".1e")])
+        elif wl == "C":
+            rows = []
+            for tasks in ((1000,) if args.quick else (25, 1000)):
+                rows += run_meta("C", tasks, (1,), providers, 5 if args.quick else 15,
+                                 () if args.no_memory else (1,), env)
+            print_table(rows, meta_cols)
+        else:
+            tasks = 8 if wl == "A" else 4
+            steps = ((1, 5) if wl == "A" else (5,)) if args.quick else ((1, 5, 10, 20) if wl == "A" else (5, 20))
+            mem_steps = () if args.no_memory else steps
+            rows = run_meta(wl, tasks, steps, providers, 2 if args.quick else 3, mem_steps, env)
+            print_table(rows, meta_cols)
+            if not args.no_memory:
+                curve_steps = (1, 2, 5, 10, 20) if args.quick else tuple(range(1, 21))
+                curve_steps = tuple(k for k in curve_steps if k not in steps)
+                mem_provs = ("loop_autograd", "func_vmap", "fastmaml_exact")
+                curve = memory_curve(wl, tasks, curve_steps, mem_provs, env)
+                both = curve + [r for r in rows if r["provider"] in mem_provs]
+                table = {}
+                for r in both:
+                    table.setdefault(r["steps"], {})[r["provider"]] = r["peak_extra_mb"]
+                print(f"peak extra memory (MB, fresh subprocess, ru_maxrss delta), workload {wl}, T={tasks}")
+                print("   K  " + "  ".join(f"{p:>15s}" for p in mem_provs))
+                for k in sorted(table):
+                    print(f"{k:4d}  " + "  ".join(f"{table[k].get(p, float('nan')):15.0f}" for p in mem_provs))
+                rows += curve
+        all_rows += rows
+    path = append_csv("meta.csv", [{**{k: "" for k in _CSV_FIELDS}, **r} for r in all_rows])
+    print(f"rows appended to {path}")
+    return all_rows
+
+
+_CSV_FIELDS = ("date", "commit", "device", "torch", "threads", "workload", "tasks", "steps", "provider", "kind",
+               "median_ms", "p25_ms", "p75_ms", "n", "peak_extra_mb", "rel_err_vs_f64", "err_bound", "check",
+               "speedup_vs_fastest_baseline", "cpu_ms", "cpu_speedup_vs_fastest_baseline", "x_gradient",
+               "cpu_x_gradient", "note")
+
+
+if __name__ == "__main__":
+    main()
