@@ -20,8 +20,18 @@ def check_batched(t, name: str, ndim: int, shape_doc: str) -> Tensor:
         raise ValueError(f"{name} must have shape {shape_doc} (rank {ndim}), got shape {tuple(t.shape)}")
     if t.shape[0] < 1:
         raise ValueError(f"{name} has T = 0 tasks; expected shape {shape_doc} with T >= 1")
-    V.check_finite(t, name)
+    check_finite_fast(t, name)
     return t
+
+
+def check_finite_fast(t: Tensor, name: str) -> None:
+    """NaN/Inf check in one reduction pass without a mask tensor (the features are large).
+
+    A NaN or Inf entry always makes the sum non-finite; only then (or on overflow of the sum) does
+    the exact check run, which finds and names the entry.
+    """
+    if not bool(torch.isfinite(t.detach().sum())):
+        V.check_finite(t, name)
 
 
 def check_like(t: Tensor, name: str, like: Tensor, like_name: str) -> None:

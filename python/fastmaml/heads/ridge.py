@@ -274,11 +274,10 @@ def ridge_predict(
 ) -> Tensor:
     """Predictions ``Xq W`` of the ridge solution, without forming ``W`` in the dual form.
 
-    In the dual form (``n < d``) one ``[n, n]`` Cholesky per task is all the linear algebra. Of the
-    two ways to reach the queries, the cheaper in flops is taken: ``(Xq X^T) (X X^T + lam I)^-1 Y``
-    from Gram matrices (``q n d`` flops; wins when ``q n <= c (n + q)``, e.g. 1-shot), else the
-    ``[T, d, c]`` weights ``W = X^T (X X^T + lam I)^-1 Y`` (``(n + q) c d`` flops) with a fused
-    backward (``_RidgeLogitsFn``). Both backward passes allocate one buffer per feature gradient.
+    In the dual form (``n < d``) one ``[n, n]`` Cholesky per task is all the linear algebra, and
+    the queries are reached through the ``[T, d, c]`` weights ``W = X^T (X X^T + lam I)^-1 Y``
+    (``(n + q) c d`` flops; the query Gram matrix ``Xq X^T`` would cost ``q n d``, more whenever
+    ``n > c``), with the fused backward of ``_RidgeLogitsFn``.
 
     Args:
         features: ``[T, n, d]`` support features.
@@ -298,9 +297,6 @@ def ridge_predict(
     X, Y, lam = _check_ridge_inputs(features, targets, lam, query_features)
     n, d, c, q = X.shape[1], X.shape[2], Y.shape[2], query_features.shape[1]
     if _pick_form(form, n, d) == "dual":
-        if q * n <= c * (n + q):  # e.g. 1-shot: the query Gram matrix is the cheaper route
-            G, Kq = gram_pair(X, query_features)  # [T, n, n], [T, q, n]
-            return Kq @ spd_solve(_add_diag(G, lam), Y, None, lam.detach() == 0)  # [T, q, c]
         return _RidgeLogitsFn.apply(X, Y, query_features, lam.contiguous())  # [T, q, c]
     W = spd_solve(_add_diag(X.mT @ X, lam), X.mT @ Y, None, lam.detach() == 0)  # [T, d, c]
     return query_features @ W
