@@ -22,6 +22,8 @@ the call (VmHWM, reset through /proc/self/clear_refs just before it) minus the r
 it (after model and data are built): everything the call allocated at its peak (autograd graph,
 activations, saved per-step parameters, allocator slack), measured by the OS, not by a profiler.
 (getrusage's ru_maxrss is not usable here: Linux carries it across execve from the parent.)
+Children run with MALLOC_MMAP_THRESHOLD_=131072 (see MALLOC_ENV) so that freed activation blocks
+go back to the OS instead of fragmenting the heap.
 """
 from __future__ import annotations
 
@@ -174,12 +176,19 @@ def _child(spec_json: str) -> None:
     print(json.dumps({"extra_mb": (after - before) / 1024.0}))
 
 
+# A fixed mmap threshold: glibc's dynamic threshold otherwise serves freed-and-reallocated blocks of
+# up to 32 MB from the heap, whose fragmentation inflates the RSS high-water mark by ~40 MB per
+# inner step for *every* provider (measured on A: fastmaml_exact +46 MB/step with the default,
+# +7.2 MB/step = exactly 2 T P float32 with this setting; loop_autograd +54 vs +53 MB/step).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
 def peak_extra_mb(workload: str, tasks: int, provider: str, steps: int, timeout: float = 900) -> float:
     spec = json.dumps({"workload": workload, "tasks": tasks, "provider": provider, "steps": steps,
                        "threads": torch.get_num_threads()})
     code = f"from fastmaml.bench.meta import _child; _child({spec!r})"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                         env={**os.environ, "PYTHONWARNINGS": "ignore", **MALLOC_ENV})
     if out.returncode != 0:
         return float("nan")
     return json.loads(out.stdout.strip().splitlines()[-1])["extra_mb"]
