@@ -197,8 +197,8 @@ class _RidgeLogitsFn(torch.autograd.Function):
                 # (gK + gK^T) X with gK = -gY A^T is -gY W^T - A (X^T gY)^T: 3 n c d flops
                 # instead of the n^2 d of forming it (autograd spends 2 n^2 d), and with the
                 # A gW^T term it is two products into one buffer.
-                V = X.mT @ gY  # [T, d, c]
-                gX = (A @ (gW - V).mT).baddbmm_(gY, W.mT, alpha=-1)  # [T, n, d]
+                gW.sub_(X.mT @ gY)  # gW - X^T gY, in place: [T, d, c]
+                gX = (A @ gW.mT).baddbmm_(gY, W.mT, alpha=-1)  # [T, n, d]
             if need_lam:
                 glam = -(gY * A).sum((-2, -1))  # tr(gK)
         return gX, (gY if need_Y else None), gXq, glam
