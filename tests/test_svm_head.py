@@ -115,14 +115,23 @@ def test_svm_matches_cvxpy(case, dtype):
         assert _rel_err(res.z, oracle_alpha(K, labels, n_way, C, diag_reg)) < ORACLE_RTOL[dtype]
 
 
-def test_svm_logits_match_metaoptnet_formula():
-    X, labels, Xq = episode(3, 5, 2, 40, seed=4, q=6)
+@pytest.mark.parametrize("shot,q", [(2, 6), (5, 15)])  # query Gram route, primal weights route
+def test_svm_logits_match_metaoptnet_formula(shot, q):
+    X, labels, Xq = episode(3, 5, shot, 40, seed=4, q=q)
     logits, res = svm_logits(X, labels, Xq, 5)
-    alpha = qp_solve(*crammer_singer_qp_reference(X @ X.mT, labels, 5, 0.1)).z.reshape(3, 10, 5)
+    n = 5 * shot
+    alpha = qp_solve(*crammer_singer_qp_reference(X @ X.mT, labels, 5, 0.1)).z.reshape(3, n, 5)
     # MetaOptNet: logits[t, j, k] = sum_i alpha[t, i, k] <x_i, xq_j>
     ref = torch.einsum("tik,tid,tjd->tjk", alpha, X, Xq)
-    assert logits.shape == (3, 6, 5)
+    assert logits.shape == (3, q, 5)
     assert _rel_err(logits, ref) < 1e-8
+
+
+def test_svm_logits_gradcheck_primal_weights_route():
+    X, labels, Xq = episode(1, 2, 3, 5, seed=5, q=6)  # q n = 36 > c (n + q) = 24
+    X, Xq = X.requires_grad_(), Xq.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: svm_logits(a, labels, b, 2)[0], (X, Xq), atol=1e-7, rtol=1e-4,
+                                    fast_mode=True)
 
 
 def test_fixed_iterations_report_not_converged():
