@@ -164,3 +164,16 @@ def test_batching_strategies_match_reference(batching, algorithm):
     got = grads_of(maml_loss(tm, support=sup, query=qry, num_steps=2, lr=lr, algorithm=algorithm,
                              batching=batching), params)
     assert rel_err(got, ref) < EXACT_TOL
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile"])
+def test_zero_inner_steps(algorithm):
+    """K = 0: MAML/FOMAML reduce to the query gradient at theta, Reptile to zero."""
+    tm, sup, qry, _, _ = build("mlp", "all", "fixed", 0, 3)
+    params = list(tm.model.parameters())
+    got = grads_of(maml_loss(tm, support=sup, query=qry, num_steps=0, lr=0.1, algorithm=algorithm), params)
+    if algorithm == "reptile":
+        assert all(float(g.abs().max()) == 0 for g in got)
+        return
+    ref = grads_of(torch.stack([tm.task_loss(params, [], qry[0][t], qry[1][t]) for t in range(3)]).mean(), params)
+    assert rel_err(got, ref) < EXACT_TOL

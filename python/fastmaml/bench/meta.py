@@ -356,7 +356,7 @@ def main(argv=None) -> list[dict]:
                 table = {}
                 for r in both:
                     table.setdefault(r["steps"], {})[r["provider"]] = r["peak_extra_mb"]
-                print(f"peak extra memory (MB, fresh subprocess, ru_maxrss delta), workload {wl}, T={tasks}")
+                print(f"peak extra memory (MB, fresh subprocess, VmHWM delta), workload {wl}, T={tasks}")
                 print("   K  " + "  ".join(f"{p:>15s}" for p in mem_provs))
                 for k in sorted(table):
                     print(f"{k:4d}  " + "  ".join(f"{table[k].get(p, float('nan')):15.0f}" for p in mem_provs))
