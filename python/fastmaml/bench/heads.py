@@ -360,7 +360,7 @@ def bench_svm_e2e(env, configs, repeats, qpth_iters, C=0.1):
                 G, Kq = gram_pair(Xg, Xqg)
                 out = G.sum() + (Kq @ alpha0 * w0).sum()
             else:
-                out = (Xg @ Xg.mT).sum() + (Xqg @ (Xg.mT @ alpha0) * w0).sum()
+                out = (Xg @ Xg.mT).sum() + (Xqg @ (alpha0.mT @ Xg).mT * w0).sum()
             out.backward()
         runs["_gram"] = gram_only
         timings = time_interleaved(runs, repeats)

@@ -173,14 +173,14 @@ class _RidgeLogitsFn(torch.autograd.Function):
         K = _add_diag(X @ X.mT, lam)  # [T, n, n]
         L = cholesky_factor(K, "the ridge system matrix", lam == 0)
         A = torch.cholesky_solve(Y, L)  # [T, n, c]
-        W = X.mT @ A  # [T, d, c]
-        ctx.save_for_backward(X, Y, Xq, lam, A, W)
+        Wt = A.mT @ X  # [T, c, d]: W^T, so that every d-long product below is written contiguously
+        ctx.save_for_backward(X, Y, Xq, lam, A, Wt)
         ctx.L = L
-        return Xq @ W  # [T, q, c]
+        return Xq @ Wt.mT  # [T, q, c]
 
     @staticmethod
     def backward(ctx, gP):
-        X, Y, Xq, lam, A, W = ctx.saved_tensors
+        X, Y, Xq, lam, A, Wt = ctx.saved_tensors
         need_X, need_Y, need_Xq, need_lam = ctx.needs_input_grad
         if torch.is_grad_enabled():  # double backward: differentiate the composable form
             ins = (X, Y, Xq, lam)
@@ -188,17 +188,17 @@ class _RidgeLogitsFn(torch.autograd.Function):
             P = Xq @ (X.mT @ spd_solve(_add_diag(X @ X.mT, lam), Y))
             grads = iter(torch.autograd.grad(P, wrt, gP, create_graph=True))
             return tuple(next(grads) if nd else None for nd in ctx.needs_input_grad)
-        gW = Xq.mT @ gP  # [T, d, c]
-        gXq = gP @ W.mT if need_Xq else None  # [T, q, d]
+        gWt = gP.mT @ Xq  # [T, c, d]
+        gXq = gP @ Wt if need_Xq else None  # [T, q, d]
         gX = gY = glam = None
         if need_X or need_Y or need_lam:
-            gY = torch.cholesky_solve(X @ gW, ctx.L)  # K^-1 gA, [T, n, c]
+            gY = torch.cholesky_solve(X @ gWt.mT, ctx.L)  # K^-1 gA, [T, n, c]
             if need_X:
-                # (gK + gK^T) X with gK = -gY A^T is -gY W^T - A (X^T gY)^T: 3 n c d flops
+                # (gK + gK^T) X with gK = -gY A^T is -gY W^T - A (gY^T X): 3 n c d flops
                 # instead of the n^2 d of forming it (autograd spends 2 n^2 d), and with the
                 # A gW^T term it is two products into one buffer.
-                gW.sub_(X.mT @ gY)  # gW - X^T gY, in place: [T, d, c]
-                gX = (A @ gW.mT).baddbmm_(gY, W.mT, alpha=-1)  # [T, n, d]
+                gWt.sub_(gY.mT @ X)  # (gW - X^T gY)^T, in place: [T, c, d]
+                gX = (A @ gWt).baddbmm_(gY, Wt, alpha=-1)  # [T, n, d]
             if need_lam:
                 glam = -(gY * A).sum((-2, -1))  # tr(gK)
         return gX, (gY if need_Y else None), gXq, glam

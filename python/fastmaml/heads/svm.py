@@ -225,4 +225,5 @@ def svm_logits(support_features: Tensor, support_labels: Tensor, query_features:
     # Otherwise through the primal weights W = X^T alpha [T, d, c]: (n + q) c d flops instead of
     # q n d for Xq X^T (5x fewer at 5-way 5-shot), forward and backward.
     res = svm_crammer_singer_solve(X @ X.mT, support_labels, n_way, **solver_kwargs)
-    return Xq @ (X.mT @ res.z), res
+    Wt = res.z.mT @ X  # [T, c, d]: in this layout every backward product is written contiguously
+    return Xq @ Wt.mT, res
