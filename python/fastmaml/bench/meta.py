@@ -2,7 +2,7 @@
 
 Workloads (the issue's):
   A: conv4 (64 filters, BN) on 1x28x28, 5-way 1-shot, 15 query per class, T = 8, lr 0.4, second order.
-  B: conv4 (32 filters, BN) on 3x84x84, 5-way 1-shot, 15 query per class, T = 4.
+  B: conv4 (32 filters, BN) on 3x84x84, 5-way 1-shot, 15 query per class, T = 4, lr 0.01.
   C: sinusoid MLP 1-40-40-1, 10 support and 10 query points, 1 inner step, T = 25 and 1000.
   hvp: HVPs of the conv4 (A) support loss at per-task points, as a multiple of one batched gradient.
 
@@ -66,7 +66,10 @@ def make_workload(name: str, num_tasks: int, dtype=torch.float32, seed: int = 0)
         ys = torch.arange(5).repeat(num_tasks, 1)
         xq = torch.randn(num_tasks, 75, channels, size, size, dtype=dtype)
         yq = torch.arange(5).repeat_interleave(15).repeat(num_tasks, 1)
-        return net, F.cross_entropy, (xs, ys), (xq, yq), 0.4
+        # lr 0.4 (MAML's Omniglot value) for A; 0.01 (MAML's miniImageNet value) for B: with 0.4 on
+        # 84x84 inputs the inner loop is chaotic and float32 meta-gradients of *every* provider
+        # (the autograd loop included) differ from float64 by 15-20%.
+        return net, F.cross_entropy, (xs, ys), (xq, yq), 0.4 if name == "A" else 0.01
     if name == "C":
         net = sinusoid_mlp().to(dtype)
         amp = torch.rand(num_tasks, 1, 1, dtype=dtype) * 4.9 + 0.1
