@@ -89,6 +89,8 @@ class MetaGradient(torch.autograd.Function):
                                                     batching=cfg.batching)
         if cfg.check_finite:
             check_losses_finite(q_losses, "query loss after the inner loop")
+        if cfg.algorithm == "fomaml":  # first order needs the gradients (step sizes), not the points
+            history = [(None, g, gf, sh) for _, g, gf, sh in history]
         cfg.info["support_losses"] = sup_losses
         ctx.cfg = cfg
         ctx.history = history
