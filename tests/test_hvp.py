@@ -44,13 +44,13 @@ FD_BOUND = {"mlp": 1e-6, "conv": 1e-5}
 def test_hvp_matches_dense_hessian(kind, num_tasks, adapt):
     tm, phi, fixed, v, x, y = problem(kind, num_tasks, adapt)
     ref_a, ref_f = hvp_reference(tm, phi, v, x, y, fixed=fixed)
-    for mode in HVP_MODES:
-        got_a, got_f = hvp(tm.task_loss, phi, v, x, y, fixed=fixed, mode=mode)
+    for mode, batching in [(m, "vmap") for m in HVP_MODES] + [("exact", "loop"), ("fd_central", "loop")]:
+        got_a, got_f = hvp(tm.task_loss, phi, v, x, y, fixed=fixed, mode=mode, batching=batching)
         assert len(got_f) == len(fixed)
         for g, p in zip(got_a, phi):
             assert g.shape == p.shape and g.dtype == p.dtype
-        tol = 1e-10 if "reverse" in mode else FD_BOUND[kind]
-        assert rel_err(got_a + got_f, ref_a + ref_f) < tol, mode
+        tol = FD_BOUND[kind] if mode.startswith("fd") else 1e-10
+        assert rel_err(got_a + got_f, ref_a + ref_f) < tol, (mode, batching)
 
 
 def test_hvp_matches_autograd_functional_hvp():
@@ -137,18 +137,19 @@ def test_hvp_rejects_bad_input():
         hvp(tm.task_loss, phi, [w[:, :1] for w in v], x, y)
 
 
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
 @pytest.mark.parametrize("mode", HVP_MODES)
-def test_shared_params_match_repeated_params(mode):
+def test_shared_params_match_repeated_params(mode, batching):
     """The first inner step runs from theta shared by all tasks: same HVPs and gradients as repeating it."""
     tm, _, fixed, v, x, y = problem("conv", 3, "head")
     theta = [p.detach() for p in tm.theta_adapted()]
     rep = tm.initial_adapted(theta, 3)
-    a = hvp(tm.task_loss, rep, v, x, y, fixed=fixed, mode=mode)
-    b = hvp(tm.task_loss, theta, v, x, y, fixed=fixed, mode=mode, shared_params=True)
+    a = hvp(tm.task_loss, rep, v, x, y, fixed=fixed, mode=mode, batching=batching)
+    b = hvp(tm.task_loss, theta, v, x, y, fixed=fixed, mode=mode, shared_params=True, batching=batching)
     tol = 1e-12 if "reverse" in mode else 1e-6
     torch.testing.assert_close(a, b, rtol=tol, atol=tol)
-    ga = batched_grad(tm.task_loss, rep, fixed, x, y, wrt_fixed=True)
-    gb = batched_grad(tm.task_loss, theta, fixed, x, y, wrt_fixed=True, shared_params=True)
+    ga = batched_grad(tm.task_loss, rep, fixed, x, y, wrt_fixed=True, batching=batching)
+    gb = batched_grad(tm.task_loss, theta, fixed, x, y, wrt_fixed=True, shared_params=True, batching=batching)
     torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-13)
 
 

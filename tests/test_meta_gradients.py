@@ -62,15 +62,17 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("batching", ["loop", "vmap"])
 @pytest.mark.parametrize("kind,adapt,lr_form,num_steps,num_tasks", CASES)
-def test_second_order_matches_autograd_reference(kind, adapt, lr_form, num_steps, num_tasks):
+def test_second_order_matches_autograd_reference(kind, adapt, lr_form, num_steps, num_tasks, batching):
     tm, sup, qry, lr, lrs = build(kind, adapt, lr_form, num_steps, num_tasks)
     params = list(tm.model.parameters()) + lrs
     ref = grads_of(maml_loss(tm, support=sup, query=qry, num_steps=num_steps, lr=lr, engine="autograd"), params)
     assert sum(float(r.norm()) for r in ref) > 0  # non-trivial
-    for mode, tol in [("forward_over_reverse", EXACT_TOL), ("reverse_over_reverse", EXACT_TOL),
+    for mode, tol in [("exact", EXACT_TOL), ("forward_over_reverse", EXACT_TOL), ("reverse_over_reverse", EXACT_TOL),
                       ("fd_forward", FD_TOL), ("fd_central", FD_TOL)]:
-        got = grads_of(maml_loss(tm, support=sup, query=qry, num_steps=num_steps, lr=lr, hvp_mode=mode), params)
+        got = grads_of(maml_loss(tm, support=sup, query=qry, num_steps=num_steps, lr=lr, hvp_mode=mode,
+                                 batching=batching), params)
         assert rel_err(got, ref) < tol, mode
         if lrs:
             assert rel_err(got[-len(lrs):], ref[-len(lrs):]) < tol, f"{mode}: step sizes"

@@ -21,7 +21,7 @@ _REDUCTIONS = ("mean", "sum", "none")
 
 
 def maml_loss(model, loss_fn: Optional[Callable] = None, support=None, query=None, *, num_steps: int = 1,
-              lr: StepSpec = 0.01, algorithm: str = "maml", hvp_mode: str = "forward_over_reverse",
+              lr: StepSpec = 0.01, algorithm: str = "maml", hvp_mode: str = "exact",
               adapt: AdaptSpec = "all", engine: str = "recursion", reduction: str = "mean",
               fd_dtype: Optional[torch.dtype] = None, imaml_lambda: float = 1.0, cg_iters: int = 20,
               cg_tol: float = 1e-10, check_finite: bool = True, batching: str = "auto",
@@ -38,8 +38,9 @@ def maml_loss(model, loss_fn: Optional[Callable] = None, support=None, query=Non
         lr: inner step sizes: float / scalar tensor, per-tensor list, per-element list (Meta-SGD)
             or per-step lists (MAML++ LSLR); tensors that require grad get meta-gradients.
         algorithm: ``"maml"`` (second order), ``"fomaml"``, ``"reptile"`` or ``"imaml"``.
-        hvp_mode: HVPs of the second-order backward and of iMAML's CG: ``"forward_over_reverse"``
-            (exact, default), ``"reverse_over_reverse"``, ``"fd_forward"``, ``"fd_central"``.
+        hvp_mode: HVPs of the second-order backward and of iMAML's CG: ``"exact"`` (default: the
+            faster exact mode for the batching), ``"forward_over_reverse"``, ``"reverse_over_reverse"``,
+            ``"fd_forward"``, ``"fd_central"``.
         adapt: ``"all"`` (MAML), ``"head"`` (ANIL), ``"context"`` (CAVIA), names or a predicate.
         engine: ``"recursion"`` (the custom backward: memory flat in activations) or
             ``"autograd"`` (the plain reference: a per-task loop with ``create_graph=True``;
@@ -50,9 +51,9 @@ def maml_loss(model, loss_fn: Optional[Callable] = None, support=None, query=Non
         imaml_lambda: iMAML's proximal weight ``lam``.
         cg_iters, cg_tol: iMAML's CG iteration cap and relative residual tolerance.
         check_finite: raise (naming the task and step) when a loss is NaN or infinite.
-        batching: how calls are batched over tasks: ``"vmap"``, ``"loop"`` or ``"auto"`` (a loop
-            for per-task batches of 32 samples or more, where the CPU runs T plain convs faster than
-            vmap's grouped conv; identical results either way).
+        batching: how calls are batched over tasks: ``"vmap"`` (``torch.func.vmap``), ``"loop"``
+            (plain autograd task by task) or ``"auto"`` (a loop for T <= 16 or per-task batches of
+            32 samples or more, else vmap; identical results either way, see ``resolve_batching``).
         info: a dict filled with ``support_losses [K, T]`` and, after backward, iMAML's
             ``cg_iterations``, ``cg_task_iterations``, ``cg_residual``, ``cg_converged``.
 
@@ -140,7 +141,7 @@ class MAML(nn.Module):
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, *, num_steps: int = 1, lr: float = 0.01,
-                 lr_form: str = "fixed", algorithm: str = "maml", hvp_mode: str = "forward_over_reverse",
+                 lr_form: str = "fixed", algorithm: str = "maml", hvp_mode: str = "exact",
                  adapt: AdaptSpec = "all", engine: str = "recursion", fd_dtype: Optional[torch.dtype] = None,
                  imaml_lambda: float = 1.0, cg_iters: int = 20, batching: str = "auto"):
         super().__init__()
