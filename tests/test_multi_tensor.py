@@ -221,8 +221,10 @@ def test_rejects_step_size_of_wrong_shape_dtype_or_value():
         fastmaml.task_axpby(x, x, [torch.rand(4)])
     with pytest.raises(TypeError, match=r"alpha\[0\] is torch.float64"):
         fastmaml.task_axpby(x, x, [torch.rand(4, 5, dtype=torch.float64)])
-    with pytest.raises(ValueError, match=r"alpha\[0\] must be finite, got nan"):
+    with pytest.raises(ValueError, match=r"alpha must be finite, got nan"):
         fastmaml.task_axpby(x, x, float("nan"))
+    with pytest.raises(ValueError, match=r"alpha\[1\] must be finite, got inf"):
+        fastmaml.task_axpby(x + x, x + x, [0.1, float("inf")])
     with pytest.raises(ValueError, match=r"alpha\[0\] must be finite"):
         fastmaml.task_axpby(x, x, [torch.tensor([[1.0] * 5] * 3 + [[float("inf")] * 5])])
     with pytest.raises(TypeError, match=r"alpha\[0\] must be a float or a tensor, got str"):

@@ -29,22 +29,31 @@ def check_task_tensors(tensors: Sequence[Tensor], name: str, like: Sequence[Tens
     num_tasks = first.shape[0]
     if num_tasks < 1:
         raise ValueError(f"{name}[0] has T = 0 tasks; expected at least one task")
+    dtype, device = first.dtype, first.device
+    if like is not None and (dtype != like[0].dtype or device != like[0].device):
+        raise TypeError(f"{name}[0] is {dtype} on {device}, expected {like[0].dtype} on {like[0].device}")
+    # One cheap pass (this runs on every inner step); the slow diagnosis only when it fails.
     for i, t in enumerate(tensors):
-        if t.dtype != first.dtype:
-            raise TypeError(f"{name}[{i}] has dtype {t.dtype}, expected {first.dtype} like {name}[0]")
-        if t.device != first.device:
-            raise ValueError(f"{name}[{i}] is on {t.device}, expected {first.device} like {name}[0]")
-        if t.dim() < 1 or t.shape[0] != num_tasks:
-            raise ValueError(
-                f"{name}[{i}] has shape {tuple(t.shape)}; expected a leading task dimension of {num_tasks}"
-            )
-        if like is not None and t.shape != like[i].shape:
-            raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, expected {tuple(like[i].shape)}")
-        if like is not None and (t.dtype != like[i].dtype or t.device != like[i].device):
-            raise TypeError(
-                f"{name}[{i}] is {t.dtype} on {t.device}, expected {like[i].dtype} on {like[i].device}"
-            )
+        shape = t.shape
+        if (
+            t.dtype != dtype
+            or t.device != device
+            or not shape
+            or shape[0] != num_tasks
+            or (like is not None and shape != like[i].shape)
+        ):
+            _diagnose_task_tensor(t, i, name, dtype, device, num_tasks, like)
     return num_tasks
+
+
+def _diagnose_task_tensor(t: Tensor, i: int, name: str, dtype, device, num_tasks: int, like) -> None:
+    if t.dtype != dtype:
+        raise TypeError(f"{name}[{i}] has dtype {t.dtype}, expected {dtype} like {name}[0]")
+    if t.device != device:
+        raise ValueError(f"{name}[{i}] is on {t.device}, expected {device} like {name}[0]")
+    if t.dim() < 1 or t.shape[0] != num_tasks:
+        raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}; expected a leading task dimension of {num_tasks}")
+    raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, expected {tuple(like[i].shape)}")
 
 
 def check_same_length(**lists) -> None:

@@ -8,7 +8,14 @@ import torch
 from torch import Tensor
 
 from . import _validation as V
-from .ops.multi_tensor import StepSizes, task_axpby, task_axpby_, task_dot
+from .ops.multi_tensor import (
+    StepSizes,
+    _check_pair,
+    _task_axpby_checked,
+    _task_axpby_inplace_checked,
+    task_axpby,
+    task_dot,
+)
 from .reference.inner_update import CLIP_EPS
 
 _FD_SCHEMES = ("central", "forward")
@@ -55,7 +62,7 @@ def inner_sgd_step(
         >>> phi = inner_sgd_step(theta, grads, [0.4, 0.1])  # per-tensor step sizes
     """
     params, grads, scale = _prepare_step(params, grads, max_grad_norm, backend)
-    return task_axpby(params, grads, lr, y_scale=scale, backend=backend, check_finite=check_finite)
+    return _task_axpby_checked(params, grads, lr, None, scale, backend, check_finite, "lr")
 
 
 def inner_sgd_step_(
@@ -84,15 +91,11 @@ def inner_sgd_step_(
         ...         inner_sgd_step_(phi, support_grads(phi), 0.01)
     """
     params, grads, scale = _prepare_step(params, grads, max_grad_norm, backend)
-    return task_axpby_(params, grads, lr, y_scale=scale, backend=backend, check_finite=check_finite)
+    return _task_axpby_inplace_checked(params, grads, lr, None, scale, backend, check_finite, "lr")
 
 
 def _prepare_step(params, grads, max_grad_norm, backend):
-    params = V.check_tensor_list(params, "params")
-    grads = V.check_tensor_list(grads, "grads")
-    V.check_same_length(params=params, grads=grads)
-    V.check_task_tensors(params, "params")
-    V.check_task_tensors(grads, "grads", like=params)
+    params, grads = _check_pair(params, grads, "params", "grads")
     scale = None
     if max_grad_norm is not None:
         if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
@@ -159,15 +162,11 @@ def fd_perturb(
         sign: ``+1.0`` or ``-1.0``.
         backend: ``"auto" | "cpu" | "cuda" | "triton" | "reference"``.
     """
-    params = V.check_tensor_list(params, "params")
-    v = V.check_tensor_list(v, "v")
-    V.check_same_length(params=params, v=v)
-    num_tasks = V.check_task_tensors(params, "params")
-    V.check_task_tensors(v, "v", like=params)
-    V.check_task_vector(r, "r", num_tasks, params[0])
+    params, v = _check_pair(params, v, "params", "v")
+    V.check_task_vector(r, "r", params[0].shape[0], params[0])
     if sign not in (1.0, -1.0):
         raise ValueError(f"sign must be +1.0 or -1.0, got {sign}")
-    return task_axpby(params, v, -float(sign), y_scale=r, backend=backend)
+    return _task_axpby_checked(params, v, -float(sign), None, r, backend, True)
 
 
 def fd_combine(
@@ -191,13 +190,9 @@ def fd_combine(
         backend: ``"auto" | "cpu" | "cuda" | "triton" | "reference"``.
     """
     _check_scheme(scheme)
-    g_plus = V.check_tensor_list(g_plus, "g_plus")
-    g_base = V.check_tensor_list(g_base, "g_base")
-    V.check_same_length(g_plus=g_plus, g_base=g_base)
-    num_tasks = V.check_task_tensors(g_plus, "g_plus")
-    V.check_task_tensors(g_base, "g_base", like=g_plus)
-    V.check_task_vector(r, "r", num_tasks, g_plus[0])
+    g_plus, g_base = _check_pair(g_plus, g_base, "g_plus", "g_base")
+    V.check_task_vector(r, "r", g_plus[0].shape[0], g_plus[0])
     if bool((r.detach() == 0).any()) or not bool(torch.isfinite(r.detach()).all()):
         raise ValueError("r must be finite and nonzero for every task")
     inv = 1.0 / (2 * r if scheme == "central" else r)
-    return task_axpby(g_plus, g_base, 1.0, x_scale=inv, y_scale=inv, backend=backend)
+    return _task_axpby_checked(g_plus, g_base, 1.0, inv, inv, backend, True)

@@ -9,6 +9,7 @@ derivative is itself differentiable: second order comes for free.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -176,34 +177,39 @@ def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     return t
 
 
-def _normalize_alpha(alpha: StepSizes, x: Sequence[Tensor], check_finite: bool) -> list[Tensor]:
+def _normalize_alpha(alpha: StepSizes, x: Sequence[Tensor], check_finite: bool, name: str = "alpha") -> list[Tensor]:
     """Turn a step size spec into one tensor per x_i: 1 element, or x_i.shape[1:]."""
     n, like = len(x), x[0]
+    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):  # the common case, kept cheap
+        if check_finite and not math.isfinite(alpha):
+            raise ValueError(f"{name} must be finite, got {alpha}")
+        return [_constant(float(alpha), like.dtype, like.device)] * n
     if isinstance(alpha, (list, tuple)):
         if len(alpha) != n:
-            raise ValueError(f"alpha must have one entry per tensor: expected {n}, got {len(alpha)}")
+            raise ValueError(f"{name} must have one entry per tensor: expected {n}, got {len(alpha)}")
         items = list(alpha)
     else:
         items = [alpha] * n
     out = []
+    dtype, device = like.dtype, like.device
     for i, a in enumerate(items):
         if isinstance(a, bool) or not isinstance(a, (int, float, Tensor)):
-            raise TypeError(f"alpha[{i}] must be a float or a tensor, got {type(a).__name__}")
+            raise TypeError(f"{name}[{i}] must be a float or a tensor, got {type(a).__name__}")
         if not isinstance(a, Tensor):
-            if check_finite and not torch.isfinite(torch.tensor(float(a))):
-                raise ValueError(f"alpha[{i}] must be finite, got {a}")
-            out.append(_constant(float(a), like.dtype, like.device))
+            if check_finite and not math.isfinite(a):
+                raise ValueError(f"{name}[{i}] must be finite, got {a}")
+            out.append(_constant(float(a), dtype, device))
             continue
         inner = tuple(x[i].shape[1:])
         if a.numel() != 1 and tuple(a.shape) != inner:
             raise ValueError(
-                f"alpha[{i}] has shape {tuple(a.shape)}; expected a scalar or the parameter shape without "
+                f"{name}[{i}] has shape {tuple(a.shape)}; expected a scalar or the parameter shape without "
                 f"the task dimension {inner}"
             )
         if a.dtype != like.dtype or a.device != like.device:
-            raise TypeError(f"alpha[{i}] is {a.dtype} on {a.device}, expected {like.dtype} on {like.device}")
+            raise TypeError(f"{name}[{i}] is {a.dtype} on {a.device}, expected {like.dtype} on {like.device}")
         if check_finite:
-            V.check_finite(a, f"alpha[{i}]")
+            V.check_finite(a, f"{name}[{i}]")
         out.append(a if a.is_contiguous() else a.contiguous())
     return out
 
@@ -244,12 +250,24 @@ def task_axpby(
         >>> grads = [torch.randn_like(t) for t in theta]
         >>> phi = task_axpby(theta, grads, 0.1)  # theta - 0.1 * grads
     """
-    x = V.check_tensor_list(x, "x")
-    y = V.check_tensor_list(y, "y")
-    V.check_same_length(x=x, y=y)
-    num_tasks = V.check_task_tensors(x, "x")
-    V.check_task_tensors(y, "y", like=x)
-    alpha = _normalize_alpha(alpha, x, check_finite)
+    x, y = _check_pair(x, y)
+    return _task_axpby_checked(x, y, alpha, x_scale, y_scale, backend, check_finite)
+
+
+def _check_pair(x, y, x_name: str = "x", y_name: str = "y") -> tuple[list[Tensor], list[Tensor]]:
+    x = V.check_tensor_list(x, x_name)
+    y = V.check_tensor_list(y, y_name)
+    V.check_same_length(**{x_name: x, y_name: y})
+    V.check_task_tensors(x, x_name)
+    V.check_task_tensors(y, y_name, like=x)
+    return x, y
+
+
+def _task_axpby_checked(x, y, alpha, x_scale, y_scale, backend, check_finite, alpha_name="alpha") -> list[Tensor]:
+    """``task_axpby`` once ``x`` and ``y`` have passed ``_check_pair`` (callers that checked them
+    under their own argument names skip a second pass over every tensor)."""
+    num_tasks = x[0].shape[0]
+    alpha = _normalize_alpha(alpha, x, check_finite, alpha_name)
     if x_scale is not None:
         x_scale = V.check_task_vector(x_scale, "x_scale", num_tasks, x[0]).contiguous()
     if y_scale is not None:
@@ -308,8 +326,13 @@ def _check_inplace_allowed(x: Sequence[Tensor], others: dict) -> None:
         if not t.is_contiguous():
             raise ValueError(f"x[{i}] must be contiguous to be updated in place, got strides {t.stride()}")
     for i, (xi, yi) in enumerate(zip(x, others["y"])):
-        if xi.untyped_storage().data_ptr() == yi.untyped_storage().data_ptr() and xi.data_ptr() != yi.data_ptr():
-            raise ValueError(f"y[{i}] overlaps x[{i}] in memory; the in-place update needs separate tensors")
+        # x is contiguous (checked above) and y is made contiguous before the kernel reads it, so
+        # the byte ranges say whether they share memory; the exact same tensor is harmless.
+        x_start, y_start = xi.data_ptr(), yi.data_ptr()
+        if x_start != y_start and yi.is_contiguous():
+            size = xi.numel() * xi.element_size()
+            if x_start < y_start + size and y_start < x_start + size:
+                raise ValueError(f"y[{i}] overlaps x[{i}] in memory; the in-place update needs separate tensors")
 
 
 def task_axpby_(
@@ -340,17 +363,19 @@ def task_axpby_(
         >>> with torch.no_grad():
         ...     task_axpby_(theta, [torch.randn(4, 10)], 0.1)
     """
-    x = V.check_tensor_list(x, "x")
-    y = V.check_tensor_list(y, "y")
-    V.check_same_length(x=x, y=y)
-    num_tasks = V.check_task_tensors(x, "x")
-    V.check_task_tensors(y, "y", like=x)
+    x, y = _check_pair(x, y)
+    return _task_axpby_inplace_checked(x, y, alpha, x_scale, y_scale, backend, check_finite)
+
+
+def _task_axpby_inplace_checked(x, y, alpha, x_scale, y_scale, backend, check_finite, alpha_name="alpha") -> list[Tensor]:
+    """``task_axpby_`` once ``x`` and ``y`` have passed ``_check_pair``."""
+    num_tasks = x[0].shape[0]
     if isinstance(alpha, (list, tuple)):
         alpha_tensors = [a for a in alpha if isinstance(a, Tensor)]
     else:
         alpha_tensors = [alpha] if isinstance(alpha, Tensor) else []
     _check_inplace_allowed(x, {"y": y, "alpha": alpha_tensors, "x_scale": [x_scale], "y_scale": [y_scale]})
-    alpha = _normalize_alpha(alpha, x, check_finite)
+    alpha = _normalize_alpha(alpha, x, check_finite, alpha_name)
     if x_scale is not None:
         x_scale = V.check_task_vector(x_scale, "x_scale", num_tasks, x[0]).contiguous()
     if y_scale is not None:
