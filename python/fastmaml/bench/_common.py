@@ -1,6 +1,7 @@
 """Timing, environment and CSV helpers shared by the benchmarks."""
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import os
@@ -54,12 +55,37 @@ def device_name(device: torch.device) -> str:
 
 
 def environment(device: torch.device) -> dict:
+    """What every CSV row carries: when, which code, which machine and versions."""
+    from .. import __version__ as fastmaml_version
+    from .._extension import HAS_NATIVE
+
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "run_id": os.environ.get("FASTMAML_BENCH_RUN_ID", ""),
         "commit": git_commit(),
         "device": device_name(device),
         "torch": torch.__version__,
+        "fastmaml": fastmaml_version + ("" if HAS_NATIVE else " (no native build)"),
+        "python": platform.python_version(),
     }
+
+
+def progress(iterable, desc: str, total: int | None = None):
+    """A progress bar on stderr (tqdm when installed; otherwise the iterable unchanged)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+def have_module(name: str) -> bool:
+    """Whether an optional peer imports (a peer that is missing is reported as skipped)."""
+    try:
+        __import__(name)
+        return True
+    except Exception:  # a broken install counts as missing, with the same 'skipped' row
+        return False
 
 
 def results_dir() -> Path:
@@ -96,3 +122,13 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
     print("  ".join(h.rjust(w) for (_, h, _), w in zip(columns, widths)))
     for c in cells:
         print("  ".join(v.rjust(w) for v, w in zip(c, widths)))
+
+
+def add_level_options(parser: argparse.ArgumentParser) -> None:
+    """--quick / --full (default: standard), shared by every family of the suite."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", dest="level", action="store_const", const="quick",
+                       help="smoke run: smallest sizes, fewest repeats")
+    group.add_argument("--full", dest="level", action="store_const", const="full",
+                       help="every size of the benchmark specification (slow: tens of minutes)")
+    parser.set_defaults(level="standard")

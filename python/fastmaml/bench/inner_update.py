@@ -14,7 +14,7 @@ import torch
 from .. import backend as B
 from ..ops.multi_tensor import task_axpby, task_axpby_
 from ..reference import inner_sgd_step_reference
-from ._common import append_csv, environment, print_table, time_call
+from ._common import add_level_options, append_csv, environment, print_table, progress, time_call
 
 
 def conv4_row_shapes(filters: int = 64, in_channels: int = 1, n_way: int = 5, feature_size: int = 1) -> list[tuple]:
@@ -75,14 +75,14 @@ def copy_bandwidth_gbps(numel: int, dtype, device, repeats: int) -> float:
 
 
 def run(tasks=(1, 8, 32, 128), forms=("scalar", "lslr", "meta_sgd"), device="cpu", dtype=torch.float32,
-        repeats=20, quiet=False) -> list[dict]:
+        repeats=20, quiet=False, level="standard") -> list[dict]:
     device = torch.device(device)
-    env = environment(device)
+    env = {**environment(device), "level": level}
     shapes = conv4_row_shapes()
     params_per_task = sum(torch.Size(s).numel() for s in shapes)
     backends = [b for b in ("cpu", "cuda", "triton") if B.is_available(b, device) and not (b == "triton" and device.type == "cpu")]
     rows = []
-    for num_tasks in tasks:
+    for num_tasks in progress(tasks, f"inner update {str(dtype).replace('torch.', '')}"):
         numel = num_tasks * params_per_task
         copy_gbps = copy_bandwidth_gbps(numel, dtype, device, repeats)
         gen = torch.Generator().manual_seed(num_tasks)
@@ -138,19 +138,48 @@ def run(tasks=(1, 8, 32, 128), forms=("scalar", "lslr", "meta_sgd"), device="cpu
     return rows
 
 
+def available_memory_bytes(device: torch.device) -> int:
+    """Free memory on the device (CUDA) or MemAvailable (Linux); a large number when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="python -m fastmaml.bench inner_update", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="T = 1 and 32 only, fewer repeats")
+    parser = argparse.ArgumentParser(prog="python -m fastmaml.bench.inner_update", description=__doc__)
+    add_level_options(parser)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--tasks", type=int, nargs="+", default=None, help="task counts (default 1 8 32 128)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--tasks", type=int, nargs="+", default=None,
+                        help="task counts (default 1 8 32 128; quick: 1 32)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float64"],
+                        help="default float32 (full: both)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+        parser.error("--device cuda: no CUDA device is available on this machine")
     if args.tasks is not None and any(t < 1 for t in args.tasks):
-        parser.error("--tasks must be positive integers")
-    tasks = args.tasks or ((1, 32) if args.quick else (1, 8, 32, 128))
-    rows = run(tasks=tasks, device=args.device, dtype=getattr(torch, args.dtype), repeats=10 if args.quick else 30)
+        parser.error(f"--tasks must be positive integers, got {args.tasks}")
+    tasks = args.tasks or ((1, 32) if args.level == "quick" else (1, 8, 32, 128))
+    dtypes = [args.dtype] if args.dtype else (["float32", "float64"] if args.level == "full" else ["float32"])
+    device = torch.device(args.device)
+    params_per_task = sum(torch.Size(s).numel() for s in conv4_row_shapes())
+    for dtype in dtypes:
+        # theta, g, the in-place working copy, one output and the copy-bandwidth pair: ~6 buffers
+        need = 6 * max(tasks) * params_per_task * getattr(torch, dtype).itemsize
+        free = available_memory_bytes(device)
+        if need > free:
+            parser.error(f"--tasks {max(tasks)} needs about {need / 2**30:.1f} GiB in {dtype} on {args.device}, "
+                         f"only {free / 2**30:.1f} GiB is available")
+    rows = []
+    for dtype in dtypes:
+        rows += run(tasks=tasks, device=args.device, dtype=getattr(torch, dtype),
+                    repeats=10 if args.level == "quick" else 30, level=args.level)
     path = append_csv("inner_update.csv", rows)
     print(f"rows appended to {path}")
     return rows

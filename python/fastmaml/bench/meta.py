@@ -9,6 +9,8 @@ Workloads (the issue's):
 Providers of the second-order meta-gradient (d mean_t L_query / d theta):
   loop_autograd   baseline: per-task loop, torch.autograd.grad(create_graph=True) (learn2learn pattern)
   func_vmap       baseline: torch.func.vmap of a functional inner loop, outer torch.autograd.grad
+  higher          peer (when installed): per-task loop with higher.innerloop_ctx and a differentiable SGD
+  learn2learn     peer (when installed): per-task loop with l2l.algorithms.MAML clone/adapt
   fastmaml_exact  maml_loss(hvp_mode="forward_over_reverse"): custom backward recursion
   fastmaml_fd64   maml_loss(hvp_mode="fd_central", fd_dtype=float64)
   fastmaml_fd32   maml_loss(hvp_mode="fd_forward") in float32 (reuses the saved gradients)
@@ -39,18 +41,30 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from ..meta.front import maml_loss
-from ..meta.functional import TaskModel
+from ..meta.functional import TaskModel, batch_stats_only
 from ..meta.hvp import batched_grad, hvp
 from ..meta.inner_loop import normalize_step_sizes
 from ..meta.models import Conv4, mse_loss, sinusoid_mlp
 from ..reference.meta import maml_loss_reference
-from ._common import append_csv, environment, print_table
+from ._common import add_level_options, append_csv, environment, have_module, print_table, progress
 
 # float32 meta-gradients of BN conv nets differ from float64 by 1e-6 to 5e-3 for every correct
 # implementation (the per-task autograd loop included); below this floor a difference is rounding.
 ERR_FLOOR = 1e-3
-PROVIDERS = ("loop_autograd", "func_vmap", "fastmaml_exact", "fastmaml_fd64", "fastmaml_fd32")
-BASELINES = ("loop_autograd", "func_vmap")
+PROVIDERS = ("loop_autograd", "func_vmap", "higher", "learn2learn", "fastmaml_exact", "fastmaml_fd64", "fastmaml_fd32")
+BASELINES = ("loop_autograd", "func_vmap", "higher", "learn2learn")
+PEERS = {"higher": "higher", "learn2learn": "learn2learn"}  # provider -> module it needs
+
+# What each level of the suite runs: quick is a smoke run (about a minute), standard the default
+# (a few minutes on 2 cores), full every size of the issue (about 40 minutes on 2 cores).
+LEVELS = {
+    "quick": dict(workloads=("hvp", "C", "A"), c_tasks=(1000,), a_steps=(1,), b_steps=(), memory=False,
+                  curve_steps=(), repeats=2, c_repeats=3, hvp_repeats=3),
+    "standard": dict(workloads=("hvp", "C", "A", "B"), c_tasks=(25, 1000), a_steps=(1, 5), b_steps=(5,),
+                     memory=True, curve_steps=(2, 10), repeats=2, c_repeats=5, hvp_repeats=3),
+    "full": dict(workloads=("hvp", "C", "A", "B"), c_tasks=(25, 1000), a_steps=(1, 5, 10, 20), b_steps=(5, 20),
+                 memory=True, curve_steps=tuple(range(1, 21)), repeats=3, c_repeats=15, hvp_repeats=7),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,12 +126,61 @@ def provider_fn(provider: str, net, loss_fn, support, query, num_steps: int, lr:
             return torch.autograd.grad(losses.mean(), params)
 
         return run
+    if provider == "higher":
+        return _higher_fn(net, loss_fn, support, query, num_steps, lr, params)
+    if provider == "learn2learn":
+        return _learn2learn_fn(net, loss_fn, support, query, num_steps, lr, params)
     kw = {"fastmaml_exact": dict(hvp_mode="forward_over_reverse"),
           "fastmaml_fd64": dict(hvp_mode="fd_central", fd_dtype=torch.float64),
           "fastmaml_fd32": dict(hvp_mode="fd_forward"),
           "fastmaml_revrev": dict(hvp_mode="reverse_over_reverse")}[provider]
     return lambda: torch.autograd.grad(maml_loss(tm, support=support, query=query, num_steps=num_steps, lr=lr,
                                                  check_finite=False, **kw), params)
+
+
+def _per_task_meta_grad(net, loss_fn, support, query, params, task_query_loss):
+    """Mean over tasks of d L_query / d theta, one task at a time (how the peers are used)."""
+    (xs, ys), (xq, yq) = support, query
+    num_tasks = xs.shape[0]
+
+    def run():
+        total = [torch.zeros_like(p) for p in params]
+        with batch_stats_only(net):  # batch statistics per task, as every provider uses
+            for t in range(num_tasks):
+                loss = task_query_loss(xs[t], ys[t], xq[t], yq[t]) / num_tasks
+                for acc, g in zip(total, torch.autograd.grad(loss, params)):
+                    acc += g
+        return total
+
+    return run
+
+
+def _higher_fn(net, loss_fn, support, query, num_steps, lr, params):
+    import higher
+
+    inner_opt = torch.optim.SGD(params, lr=lr)
+
+    def task_query_loss(xs, ys, xq, yq):
+        with higher.innerloop_ctx(net, inner_opt, copy_initial_weights=False, track_higher_grads=True) as (fnet, opt):
+            for _ in range(num_steps):
+                opt.step(loss_fn(fnet(xs), ys))
+            return loss_fn(fnet(xq), yq)
+
+    return _per_task_meta_grad(net, loss_fn, support, query, params, task_query_loss)
+
+
+def _learn2learn_fn(net, loss_fn, support, query, num_steps, lr, params):
+    import learn2learn as l2l
+
+    maml = l2l.algorithms.MAML(net, lr=lr, first_order=False)
+
+    def task_query_loss(xs, ys, xq, yq):
+        learner = maml.clone()
+        for _ in range(num_steps):
+            learner.adapt(loss_fn(learner(xs), ys))
+        return loss_fn(learner(xq), yq)
+
+    return _per_task_meta_grad(net, loss_fn, support, query, params, task_query_loss)
 
 
 def time_wall_and_cpu(fn, repeats: int, warmup: int = 1) -> dict:
@@ -200,8 +263,15 @@ def peak_extra_mb(workload: str, tasks: int, provider: str, steps: int, timeout:
 # ---------------------------------------------------------------------------------------------
 # Runs
 # ---------------------------------------------------------------------------------------------
+def _skipped(providers) -> dict:
+    """Peers that are not installed: reported as skipped rows, never timed or faked."""
+    return {p: f"skipped: {PEERS[p]} not installed" for p in providers if p in PEERS and not have_module(PEERS[p])}
+
+
 def run_meta(workload: str, tasks: int, steps_list, providers, repeats: int, memory_steps, env) -> list[dict]:
     rows = []
+    skipped = _skipped(providers)
+    active = [p for p in providers if p not in skipped]
     for steps in steps_list:
         net, loss_fn, sup, qry, lr = make_workload(workload, tasks)
         net64 = make_workload(workload, tasks)[0].double()
@@ -209,7 +279,7 @@ def run_meta(workload: str, tasks: int, steps_list, providers, repeats: int, mem
         ref = provider_fn("loop_autograd", net64, loss_fn, _cast(sup, torch.float64), _cast(qry, torch.float64),
                           steps, lr)()
         errs, times = {}, {}
-        for p in providers:
+        for p in progress(active, f"meta {workload} T={tasks} K={steps}"):
             fn = provider_fn(p, net, loss_fn, sup, qry, steps, lr)
             try:
                 errs[p] = rel_err(fn(), ref)
@@ -219,18 +289,25 @@ def run_meta(workload: str, tasks: int, steps_list, providers, repeats: int, mem
                                                    "p75_ms": float("nan"), "n": 0, "cpu_ms": float("nan"),
                                                    "error": repr(exc)[:120]}
         bound = max(2 * errs.get("loop_autograd", float("nan")), ERR_FLOOR)
-        ok = {p: errs[p] <= bound for p in providers}
+        ok = {p: errs[p] <= bound for p in active}
         base = [times[b]["median_ms"] for b in BASELINES if b in times and ok.get(b)]
         fastest = min(base) if base else float("nan")
         base_cpu = [times[b]["cpu_ms"] for b in BASELINES if b in times and ok.get(b)]
         fastest_cpu = min(base_cpu) if base_cpu else float("nan")
+        fastest_name = min((b for b in BASELINES if b in times and ok.get(b)), key=lambda b: times[b]["median_ms"],
+                           default="")
         for p in providers:
+            if p in skipped:
+                rows.append({**env, "workload": workload, "tasks": tasks, "steps": steps, "provider": p,
+                             "check": "skipped", "note": skipped[p]})
+                continue
             mem = peak_extra_mb(workload, tasks, p, steps) if steps in memory_steps else float("nan")
             rows.append({**env, "workload": workload, "tasks": tasks, "steps": steps, "provider": p,
                          **{k: v for k, v in times[p].items() if k != "error"}, "peak_extra_mb": mem,
                          "rel_err_vs_f64": errs[p], "err_bound": bound,
                          "check": "ok" if ok[p] else "FAILED",
                          "speedup_vs_fastest_baseline": fastest / times[p]["median_ms"] if ok[p] else float("nan"),
+                         "fastest_baseline": fastest_name,
                          "cpu_speedup_vs_fastest_baseline": (fastest_cpu / times[p]["cpu_ms"] if ok[p]
                                                              else float("nan")),
                          "note": times[p].get("error", "")})
@@ -239,7 +316,7 @@ def run_meta(workload: str, tasks: int, steps_list, providers, repeats: int, mem
 
 def memory_curve(workload: str, tasks: int, steps_list, providers, env) -> list[dict]:
     rows = []
-    for steps in steps_list:
+    for steps in progress(steps_list, f"memory curve {workload}"):
         for p in providers:
             rows.append({**env, "workload": workload, "tasks": tasks, "steps": steps, "provider": p,
                          "peak_extra_mb": peak_extra_mb(workload, tasks, p, steps), "kind": "memory_curve"})
@@ -289,7 +366,7 @@ def run_hvp(tasks: int, repeats: int, env) -> list[dict]:
                                                 fd_dtype=torch.float64)[0], True),
     }
     rows = []
-    for name, (fn, is_hvp) in cases.items():
+    for name, (fn, is_hvp) in progress(cases.items(), "hvp", total=len(cases)):
         err = rel_err(fn(), ref) if is_hvp else float("nan")
         t = time_wall_and_cpu(fn, repeats)
         rows.append({**env, "workload": "hvp", "tasks": tasks, "provider": name, **t, "rel_err_vs_f64": err})
@@ -301,58 +378,62 @@ def run_hvp(tasks: int, repeats: int, env) -> list[dict]:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="python -m fastmaml.bench meta", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m fastmaml.bench.meta", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer K values and repeats")
+    add_level_options(parser)
     parser.add_argument("--workload", choices=["A", "B", "C", "hvp", "all"], action="append",
-                        help="repeatable; default: all")
-    parser.add_argument("--device", default="cpu", choices=["cpu"], help="CPU only for now")
+                        help="repeatable; default: those of the level")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda is not supported by this family yet: it reports itself skipped")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: the 2 cores here are shared, see docs/meta.md)")
     parser.add_argument("--no-memory", action="store_true", help="skip the subprocess peak-memory runs")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS + ("fastmaml_revrev",), default=None)
     args = parser.parse_args(argv)
-    workloads = args.workload or ["all"]
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.device != "cpu":
+        print(f"meta: skipped on {args.device} (this family runs on the CPU only for now)")
+        return [{"family": "meta", "provider": "all", "check": "skipped",
+                 "note": f"not implemented on {args.device}"}]
+    level = LEVELS[args.level]
+    workloads = args.workload or list(level["workloads"])
     if "all" in workloads:
         workloads = ["hvp", "C", "A", "B"]
-    if args.threads < 1:
-        parser.error("--threads must be >= 1")
     torch.set_num_threads(args.threads)
     env = environment(torch.device("cpu"))
     env["threads"] = torch.get_num_threads()
+    env["level"] = args.level
     providers = tuple(args.providers or PROVIDERS)
-    repeats = 3 if args.quick else 7
+    memory = level["memory"] and not args.no_memory
     all_rows = []
     meta_cols = [("workload", "wl", "s"), ("tasks", "T", "d"), ("steps", "K", "d"), ("provider", "provider", "s"),
                  ("median_ms", "median ms", ".1f"), ("p25_ms", "p25", ".1f"), ("p75_ms", "p75", ".1f"),
                  ("peak_extra_mb", "peak +MB", ".0f"), ("rel_err_vs_f64", "rel err", ".1e"),
                  ("cpu_ms", "cpu ms", ".1f"), ("check", "check", "s"),
                  ("speedup_vs_fastest_baseline", "speed-up", ".2f"),
-                 ("cpu_speedup_vs_fastest_baseline", "cpu speed-up", ".2f")]
-    print(f"meta-gradient benchmark: {env['device']}, torch {env['torch']}, commit {env['commit']}, "
+                 ("cpu_speedup_vs_fastest_baseline", "cpu speed-up", ".2f"), ("note", "note", "s")]
+    print(f"meta-gradient benchmark ({args.level}): {env['device']}, torch {env['torch']}, commit {env['commit']}, "
           f"{env['threads']} threads, float32")
     for wl in workloads:
         if wl == "hvp":
-            rows = run_hvp(8, repeats, env)
+            rows = run_hvp(8, level["hvp_repeats"], env)
             print_table(rows, [("provider", "HVP of the conv4 support loss (T=8)", "s"),
                                ("median_ms", "median ms", ".1f"), ("p25_ms", "p25", ".1f"), ("p75_ms", "p75", ".1f"),
                                ("x_gradient", "x gradient", ".2f"), ("cpu_ms", "cpu ms", ".1f"),
                                ("cpu_x_gradient", "cpu x gradient", ".2f"), ("rel_err_vs_f64", "rel err", ".1e")])
         elif wl == "C":
             rows = []
-            for tasks in ((1000,) if args.quick else (25, 1000)):
-                rows += run_meta("C", tasks, (1,), providers, 5 if args.quick else 15,
-                                 () if args.no_memory else (1,), env)
+            for tasks in level["c_tasks"]:
+                rows += run_meta("C", tasks, (1,), providers, level["c_repeats"], (1,) if memory else (), env)
             print_table(rows, meta_cols)
         else:
             tasks = 8 if wl == "A" else 4
-            steps = ((1, 5) if wl == "A" else (5,)) if args.quick else ((1, 5, 10, 20) if wl == "A" else (5, 20))
-            mem_steps = () if args.no_memory else steps
-            rows = run_meta(wl, tasks, steps, providers, 2 if args.quick else 3, mem_steps, env)
+            steps = level["a_steps"] if wl == "A" else (level["b_steps"] or (5,))
+            rows = run_meta(wl, tasks, steps, providers, level["repeats"], steps if memory else (), env)
             print_table(rows, meta_cols)
-            if not args.no_memory:
-                curve_steps = (1, 2, 5, 10, 20) if args.quick else tuple(range(1, 21))
-                curve_steps = tuple(k for k in curve_steps if k not in steps)
+            curve_steps = tuple(k for k in level["curve_steps"] if k not in steps) if wl == "A" or args.level == "full" else ()
+            if memory and curve_steps:
                 mem_provs = ("loop_autograd", "func_vmap", "fastmaml_exact")
                 curve = memory_curve(wl, tasks, curve_steps, mem_provs, env)
                 both = curve + [r for r in rows if r["provider"] in mem_provs]
@@ -370,9 +451,9 @@ def main(argv=None) -> list[dict]:
     return all_rows
 
 
-_CSV_FIELDS = ("date", "commit", "device", "torch", "threads", "workload", "tasks", "steps", "provider", "kind",
+_CSV_FIELDS = ("date", "run_id", "commit", "device", "torch", "fastmaml", "python", "threads", "level", "workload", "tasks", "steps", "provider", "kind",
                "median_ms", "p25_ms", "p75_ms", "n", "peak_extra_mb", "rel_err_vs_f64", "err_bound", "check",
-               "speedup_vs_fastest_baseline", "cpu_ms", "cpu_speedup_vs_fastest_baseline", "x_gradient",
+               "speedup_vs_fastest_baseline", "fastest_baseline", "cpu_ms", "cpu_speedup_vs_fastest_baseline", "x_gradient",
                "cpu_x_gradient", "note")
 
 
