@@ -1,0 +1,266 @@
+"""A learn2learn-compatible ``MAML`` wrapper whose inner update is fastmaml's fused op.
+
+``MAML(model, lr).clone()`` returns a learner; ``learner.adapt(loss)`` takes one differentiable SGD
+step ``phi = phi - lr * grad(loss, phi)`` (with ``create_graph=True`` unless first order), and
+``learner(x)`` runs the network with the learner's parameters. The learner stays differentiable
+with respect to the wrapped model's parameters, so ``query_loss.backward()`` accumulates the
+MAML meta-gradient into ``model``'s ``.grad``, exactly as with ``learn2learn.algorithms.MAML``.
+
+What differs from learn2learn's implementation (not its semantics):
+
+* The network is never copied or mutated. A learner is the shared network plus a dict of its own
+  parameter tensors; it runs through ``torch.func.functional_call``. ``clone()`` therefore does
+  not walk and copy the module tree, and ``adapt`` does not rewrite module attributes.
+* The update of all parameter tensors is one call of ``fastmaml.inner_sgd_step`` (a task
+  dimension of 1), one fused pass instead of one ``p - lr * g`` per tensor.
+
+This API adapts one task at a time, so it cannot batch tasks; the batched engine
+(``fastmaml.meta.maml_loss`` on tasks stacked by ``fastmaml.compat.stack_tasks``) can. See
+``docs/dropin.md`` for the measured difference.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Iterator, Optional, Union
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..inner_update import inner_sgd_step
+
+__all__ = ["MAML"]
+
+
+def _check_flag(value, name: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, bool):
+        expected = "a bool or None" if allow_none else "a bool"
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+
+
+def _check_lr(lr) -> Union[float, Tensor]:
+    if isinstance(lr, Tensor):
+        if lr.dim() != 0 or not lr.is_floating_point():
+            raise ValueError(f"lr must be a float or a 0-dim floating point tensor, got a {lr.dtype} tensor of "
+                             f"shape {tuple(lr.shape)}")
+        return lr
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise TypeError(f"lr must be a float or a 0-dim tensor, got {type(lr).__name__}")
+    if not math.isfinite(float(lr)):
+        raise ValueError(f"lr must be finite, got {lr}")
+    return float(lr)
+
+
+class MAML(nn.Module):
+    """learn2learn's ``MAML`` wrapper, drop-in: same constructor, ``clone``, ``adapt`` and call.
+
+    Args:
+        model: the network whose parameters are the meta-parameters ``theta``.
+        lr: the inner step size: a float, or a 0-dim tensor (a tensor that requires grad gets a
+            meta-gradient, as a learnable step size).
+        first_order: ``adapt`` computes the inner gradient without a graph (FOMAML): the
+            meta-gradient ignores second derivatives.
+        allow_unused: accept parameters that do not take part in the inner loss (they are left
+            unchanged); ``None`` means ``allow_nograd``.
+        allow_nograd: adapt only the parameters that require grad and leave the others
+            unchanged; otherwise a parameter that does not require grad is an error.
+
+    Example:
+        >>> maml = MAML(Conv4(1, 64, 5, 28), lr=0.4)
+        >>> opt = torch.optim.Adam(maml.parameters(), 1e-3)
+        >>> for xs, ys, xq, yq in tasks:
+        ...     learner = maml.clone()
+        ...     for _ in range(5):
+        ...         learner.adapt(F.cross_entropy(learner(xs), ys))
+        ...     (F.cross_entropy(learner(xq), yq) / len(tasks)).backward()
+        >>> opt.step()
+    """
+
+    def __init__(self, model: nn.Module, lr: Union[float, Tensor], first_order: bool = False,
+                 allow_unused: Optional[bool] = None, allow_nograd: bool = False):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        _check_flag(first_order, "first_order")
+        _check_flag(allow_unused, "allow_unused", allow_none=True)
+        _check_flag(allow_nograd, "allow_nograd")
+        # None: this is the wrapper of the meta-parameters (the network's own parameters).
+        # A dict: this is a learner; the tensors it runs the network with (non-leaf, differentiable
+        # with respect to the meta-parameters).
+        self._adapted: Optional[OrderedDict[str, Tensor]] = None
+        self.add_module("module", model)
+        self.lr = _check_lr(lr)
+        self.first_order = first_order
+        self.allow_nograd = allow_nograd
+        self.allow_unused = allow_nograd if allow_unused is None else allow_unused
+
+    # -- the network with this object's parameters ------------------------------------------
+    @property
+    def module(self):
+        """The network. On a learner: a view that runs (and lists) the learner's parameters."""
+        network = self.__dict__["_modules"].get("module")
+        if network is None:  # during construction: not registered yet
+            raise AttributeError("module")
+        if self._adapted is None:
+            return network
+        return _AdaptedView(network, self._adapted)
+
+    def forward(self, *args, **kwargs):
+        network = self._modules["module"]
+        if self._adapted is None:
+            return network(*args, **kwargs)
+        return functional_call(network, self._adapted, args, kwargs)
+
+    def _current(self) -> OrderedDict[str, Tensor]:
+        if self._adapted is not None:
+            return self._adapted
+        return OrderedDict(self._modules["module"].named_parameters())
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, Tensor]]:
+        """On the wrapper: ``nn.Module``'s. On a learner: its own (adapted) tensors, ``module.<name>``."""
+        if self._adapted is None:
+            yield from super().named_parameters(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
+            return
+        head = f"{prefix}." if prefix else ""
+        for name, t in self._adapted.items():
+            yield f"{head}module.{name}", t
+
+    # -- learn2learn's API ----------------------------------------------------------------
+    def clone(self, first_order: Optional[bool] = None, allow_unused: Optional[bool] = None,
+              allow_nograd: Optional[bool] = None) -> "MAML":
+        """A learner: a copy of this object's parameters that stays differentiable with respect to them.
+
+        Args:
+            first_order, allow_unused, allow_nograd: override this object's settings for the learner.
+
+        Returns:
+            A ``MAML`` that shares the network (never written to) and owns its parameter tensors.
+        """
+        for value, name in ((first_order, "first_order"), (allow_unused, "allow_unused"),
+                            (allow_nograd, "allow_nograd")):
+            _check_flag(value, name, allow_none=True)
+        learner = MAML.__new__(MAML)
+        nn.Module.__init__(learner)
+        learner._adapted = None
+        learner.add_module("module", self._modules["module"])
+        learner.lr = self.lr
+        learner.first_order = self.first_order if first_order is None else first_order
+        learner.allow_nograd = self.allow_nograd if allow_nograd is None else allow_nograd
+        learner.allow_unused = self.allow_unused if allow_unused is None else allow_unused
+        learner._adapted = OrderedDict((n, p.clone()) for n, p in self._current().items())
+        return learner
+
+    def adapt(self, loss: Tensor, first_order: Optional[bool] = None, allow_unused: Optional[bool] = None,
+              allow_nograd: Optional[bool] = None) -> None:
+        """One inner step on ``loss``: ``phi = phi - lr * grad(loss, phi)``, in one fused update.
+
+        Called on the wrapper itself (not a clone), the wrapper becomes a learner, as in
+        learn2learn; the network's own parameters are never modified.
+
+        Args:
+            loss: a scalar computed with this learner's parameters.
+            first_order, allow_unused, allow_nograd: override the settings for this step.
+        """
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"loss must be a scalar tensor, got {type(loss).__name__}")
+        if loss.numel() != 1:
+            raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
+        for value, name in ((first_order, "first_order"), (allow_unused, "allow_unused"),
+                            (allow_nograd, "allow_nograd")):
+            _check_flag(value, name, allow_none=True)
+        first_order = self.first_order if first_order is None else first_order
+        allow_nograd = self.allow_nograd if allow_nograd is None else allow_nograd
+        allow_unused = self.allow_unused if allow_unused is None else allow_unused
+        if not loss.requires_grad:
+            raise ValueError("loss does not require grad: compute it from this learner's output (learner(x)), "
+                             "with grad mode on")
+
+        current = self._current()
+        if allow_nograd:
+            names = [n for n, p in current.items() if p.requires_grad]
+        else:
+            frozen = [n for n, p in current.items() if not p.requires_grad]
+            if frozen:
+                raise ValueError(f"parameters {frozen} do not require grad; pass allow_nograd=True to adapt only "
+                                 f"the parameters that do")
+            names = list(current)
+        if not names:
+            raise ValueError("no parameter requires grad: there is nothing to adapt")
+        second_order = not first_order
+        grads = torch.autograd.grad(loss, [current[n] for n in names], retain_graph=second_order,
+                                    create_graph=second_order, allow_unused=True)
+        unused = [n for n, g in zip(names, grads) if g is None]
+        if unused and not allow_unused:
+            raise ValueError(f"parameters {unused} were not used to compute loss; pass allow_unused=True to leave "
+                             f"them unchanged")
+        updated = OrderedDict(current)
+        for group in _group_by_dtype_device(names, current, grads):
+            phi = inner_sgd_step([current[n].unsqueeze(0) for n, _ in group], [g.unsqueeze(0) for _, g in group],
+                                 self.lr)
+            for (n, _), p in zip(group, phi):
+                updated[n] = p.squeeze(0)
+        self._adapted = updated
+
+
+def _group_by_dtype_device(names, current, grads) -> list[list[tuple[str, Tensor]]]:
+    """(name, grad) pairs with a gradient, grouped so that each group is one fused call."""
+    groups: dict = {}
+    for n, g in zip(names, grads):
+        if g is not None:
+            groups.setdefault((current[n].dtype, current[n].device), []).append((n, g))
+    return list(groups.values())
+
+
+class _AdaptedView:
+    """A learner's ``.module``: the shared network (or one of its submodules) run with the learner's tensors.
+
+    Calling it runs ``functional_call`` with the learner's parameters; ``parameters()`` lists them;
+    submodules (attributes or indexing) are views of the same kind; any other attribute is the
+    network's own.
+    """
+
+    def __init__(self, network: nn.Module, params: OrderedDict):
+        object.__setattr__(self, "_network", network)
+        object.__setattr__(self, "_params", params)
+
+    def __call__(self, *args, **kwargs):
+        return functional_call(self._network, self._params, args, kwargs)
+
+    def forward(self, *args, **kwargs):
+        return self(*args, **kwargs)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        head = f"{prefix}." if prefix else ""
+        for name, t in self._params.items():
+            yield head + name, t
+
+    def parameters(self, recurse: bool = True):
+        for _, t in self.named_parameters():
+            yield t
+
+    def _sub(self, child: nn.Module):
+        for name, m in self._network.named_children():
+            if m is child:
+                cut = name + "."
+                return _AdaptedView(child, OrderedDict(
+                    (k[len(cut):], v) for k, v in self._params.items() if k.startswith(cut)))
+        return child
+
+    def __getattr__(self, name):
+        value = getattr(self._network, name)
+        return self._sub(value) if isinstance(value, nn.Module) else value
+
+    def __getitem__(self, index):
+        value = self._network[index]
+        return self._sub(value) if isinstance(value, nn.Module) else value
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"a learner's module is a read-only view; cannot set {name!r} (the network is shared "
+                             f"with the meta-parameters)")
+
+    def __repr__(self):
+        return f"AdaptedView({self._network!r})"
