@@ -218,9 +218,9 @@ def _group_by_dtype_device(names, current, grads) -> list[list[tuple[str, Tensor
 class _AdaptedView:
     """A learner's ``.module``: the shared network (or one of its submodules) run with the learner's tensors.
 
-    Calling it runs ``functional_call`` with the learner's parameters; ``parameters()`` lists them;
-    submodules (attributes or indexing) are views of the same kind; any other attribute is the
-    network's own.
+    Calling it runs ``functional_call`` with the learner's parameters; ``parameters()`` and
+    parameter attributes (``view.weight``) are the learner's tensors; submodules (attributes or
+    indexing) are views of the same kind; any other attribute is the network's own.
     """
 
     def __init__(self, network: nn.Module, params: OrderedDict):
@@ -251,6 +251,9 @@ class _AdaptedView:
         return child
 
     def __getattr__(self, name):
+        params = object.__getattribute__(self, "_params")
+        if name in params:  # a parameter of this very module (no dot in its name)
+            return params[name]
         value = getattr(self._network, name)
         return self._sub(value) if isinstance(value, nn.Module) else value
 
