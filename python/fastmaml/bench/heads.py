@@ -250,7 +250,6 @@ def _cvxpylayer(n, n_way, C):
 def svm_qp_providers(n, n_way, C, qpth_iters):
     prov = {
         "fastmaml": lambda K, lab: svm_crammer_singer_solve(K, lab, n_way, C=C).z,
-        "fastmaml_tol1e-6": lambda K, lab: svm_crammer_singer_solve(K, lab, n_way, C=C, tol=1e-6).z,
         "fastmaml_generic": lambda K, lab: qp_solve(*crammer_singer_qp_reference(K, lab, n_way, C), check_convex=False)
         .z.reshape(lab.shape[0], n, n_way),
     }

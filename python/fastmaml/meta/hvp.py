@@ -38,6 +38,8 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflat
 from .. import _validation as V
 from ..inner_update import fd_perturb
 from ..ops.multi_tensor import task_axpby, task_dot
+from .functional import TaskModel
+from .stacked import adapts_conv_weights, stacked_task_losses, supports_stacking
 
 HVP_MODES = ("forward_over_reverse", "reverse_over_reverse", "fd_forward", "fd_central")
 _ALIASES = {"fwdrev": "forward_over_reverse", "revrev": "reverse_over_reverse",
@@ -56,7 +58,7 @@ def resolve_hvp_mode(mode: str) -> str:
     return mode
 
 
-BATCHINGS = ("auto", "vmap", "loop")
+BATCHINGS = ("auto", "vmap", "loop", "stacked")
 # Per-task batch size from which "auto" loops over tasks: vmap turns convs with per-task weights
 # into grouped convs, which the CPU backend runs ~2x slower than T plain convs for large per-task
 # batches (conv4, 75 query images: 1.9 s vs 0.95 s on 1 thread), and faster for small ones (5
@@ -79,6 +81,60 @@ def resolve_batching(batching: str, task_args: Sequence[Tensor]) -> str:
         return "vmap"
     big = first.dim() >= 2 and first.shape[1] >= AUTO_LOOP_MIN_BATCH
     return "loop" if big or first.shape[0] <= AUTO_LOOP_MAX_TASKS else "vmap"
+
+
+def choose_batching(batching: str, task_loss, params, fixed, task_args, shared: bool) -> str:
+    """``resolve_batching`` plus the stacked batching, which needs a ``TaskModel`` whose forward
+    the stacked mode can run (checked once per model, see ``fastmaml.meta.stacked``)."""
+    if batching not in BATCHINGS:
+        raise ValueError(f"batching must be one of {BATCHINGS}, got {batching!r}")
+    if batching in ("auto", "stacked"):
+        task_model = getattr(task_loss, "__self__", None)
+        usable = (isinstance(task_model, TaskModel) and getattr(task_loss, "__func__", None) is TaskModel.task_loss
+                  and len(task_args) == 2
+                  and (batching == "stacked" or not adapts_conv_weights(task_model))
+                  and supports_stacking(task_model, params, fixed, *task_args, shared))
+        if usable:
+            return "stacked"
+        if batching == "stacked":
+            raise ValueError(
+                "batching='stacked' needs a TaskModel built from Linear / Conv2d / BatchNorm layers and per-sample "
+                "ops, called with (x, y) task data; this model or call is not supported: use 'auto', 'vmap' or "
+                "'loop'")
+    return resolve_batching(batching, task_args)
+
+
+def _stacked_leaves(ts, num_tasks, shared, requires_grad=True):
+    """Per-task leaves ``[T, ...]`` (a shared tensor is expanded: its gradient comes out per task)."""
+    out = [(q.detach().unsqueeze(0).expand(num_tasks, *q.shape) if shared else q.detach()) for q in ts]
+    return [q.requires_grad_() for q in out] if requires_grad else out
+
+
+def _stacked_grad(task_model, params, fixed, task_args, wrt, shared):
+    num_tasks = task_args[0].shape[0]
+    with torch.enable_grad():
+        p = _stacked_leaves(params, num_tasks, shared)
+        f = _stacked_leaves(fixed, num_tasks, True) if wrt else [q.detach() for q in fixed]
+        losses = stacked_task_losses(task_model, p, f, *task_args)
+        targets = p + (f if wrt else [])
+        gs = _zeros_for_none(torch.autograd.grad(losses.sum(), targets, allow_unused=True), targets)
+    return losses.detach(), list(gs[:len(p)]), list(gs[len(p):])
+
+
+def _stacked_hvp(task_model, params, fixed, v, task_args, wrt, shared):
+    """``H v`` (and the mixed block) for all tasks by one double backward through the stacked forward."""
+    num_tasks = v[0].shape[0]
+    with torch.enable_grad():
+        p = _stacked_leaves(params, num_tasks, shared)
+        f = _stacked_leaves(fixed, num_tasks, True) if wrt else [q.detach() for q in fixed]
+        targets = p + (f if wrt else [])
+        losses = stacked_task_losses(task_model, p, f, *task_args)
+        g = torch.autograd.grad(losses.sum(), p, create_graph=True, allow_unused=True)
+        pairs = [(gi, vi) for gi, vi in zip(g, v) if gi is not None and gi.requires_grad]
+        hv = (torch.autograd.grad([gi for gi, _ in pairs], targets, [vi for _, vi in pairs], allow_unused=True)
+              if pairs else [None] * len(targets))
+    hv = [h.detach() for h in _zeros_for_none(hv, targets)]
+    return hv[:len(p)], hv[len(p):]
 
 
 def _leaves(ts, t, shared):
@@ -182,7 +238,9 @@ def batched_grad(task_loss: TaskLoss, params: Sequence[Tensor], fixed: Sequence[
         loss = task_loss(p, f, *args)
         return loss, loss
 
-    how = resolve_batching(batching, task_args)
+    how = choose_batching(batching, task_loss, params, fixed, task_args, shared_params)
+    if how == "stacked":
+        return _stacked_grad(task_loss.__self__, params, fixed, task_args, wrt, shared_params)
     if how == "loop":
         return _loop_grad_autograd(task_loss, params, fixed, task_args, wrt, shared_params)
     gfn = grad(with_aux, argnums=(0, 1) if wrt else 0, has_aux=True)
@@ -272,8 +330,11 @@ def hvp(task_loss: TaskLoss, params: Sequence[Tensor], v: Sequence[Tensor], *tas
             raise ValueError(f"task_args[{i}] has shape {shape}; expected a leading task dimension of {num_tasks}")
     params, v, fixed = tuple(params), tuple(v), tuple(fixed)
     wrt = len(fixed) > 0
-    how = resolve_batching(batching, task_args)
+    how = choose_batching(batching, task_loss, params, fixed, task_args, shared_params)
     n_p = len(params)
+    if how == "stacked" and mode in ("exact", "forward_over_reverse", "reverse_over_reverse"):
+        # one exact implementation here: double backward through the stacked forward
+        return _stacked_hvp(task_loss.__self__, params, fixed, v, task_args, wrt, shared_params)
     if mode == "exact":  # the faster exact implementation for this batching (measured on conv4)
         mode = "reverse_over_reverse" if how == "loop" else "forward_over_reverse"
     if mode == "reverse_over_reverse" and how == "loop":
