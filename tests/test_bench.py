@@ -1,0 +1,117 @@
+"""The benchmark suite's contract: clear CLI errors, honest summaries (a failed accuracy check is never a
+speed-up, a missing peer is skipped), metadata on every row, and figures from the CSVs."""
+import csv
+import math
+
+import pytest
+import torch
+
+from fastmaml.bench import __main__ as suite
+from fastmaml.bench import heads as bench_heads
+from fastmaml.bench import inner_update as bench_inner
+from fastmaml.bench import plot
+from fastmaml.bench.summary import format_lines, summarize
+
+
+def test_cli_rejects_unknown_options_and_families(capsys):
+    for argv in (["--bogus"], ["--only", "nope"], ["--quick", "--full"]):
+        with pytest.raises(SystemExit) as exc:
+            suite.parse_args(argv)
+        assert exc.value.code == 2
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cli_refuses_cuda_without_a_device(capsys):
+    with pytest.raises(SystemExit):
+        suite.parse_args(["--device", "cuda"])
+    assert "no CUDA device is available" in capsys.readouterr().err
+
+
+def test_impossible_sizes_are_refused_before_allocating(capsys):
+    with pytest.raises(SystemExit):
+        bench_inner.main(["--tasks", "100000000"])
+    assert "needs about" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_inner.main(["--tasks", "0"])
+    assert "--tasks must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_heads.main(["--families", "ridge,bogus"])
+    assert "unknown ['bogus']" in capsys.readouterr().err
+
+
+def test_a_real_inner_update_run_checks_accuracy_and_stamps_every_row():
+    rows = bench_inner.run(tasks=(3,), forms=("scalar", "meta_sgd"), repeats=2, quiet=True)
+    assert rows and all(r["check"] == "ok" for r in rows)
+    for key in ("date", "commit", "device", "torch", "fastmaml", "python"):
+        assert all(r[key] for r in rows), key
+    lines = summarize({"inner_update": rows})
+    assert len(lines) == 2  # scalar form, out of place and in place
+    assert all(ln["check"] == "ok" and math.isfinite(ln["speedup"]) for ln in lines)
+
+
+def _meta_row(provider, check, median, speedup, **kw):
+    return {"workload": "A", "tasks": 8, "steps": 5, "provider": provider, "median_ms": median, "check": check,
+            "speedup_vs_fastest_baseline": speedup, "fastest_baseline": "loop_autograd", "peak_extra_mb": 10.0, **kw}
+
+
+def test_a_failed_accuracy_check_is_never_reported_as_a_speed_up():
+    rows = [_meta_row("loop_autograd", "ok", 100.0, 1.0), _meta_row("fastmaml_exact", "FAILED", 10.0, float("nan"))]
+    (line,) = summarize({"meta": rows})
+    assert line["check"] == "FAILED" and math.isnan(line["speedup"])
+    assert "FAILED" in format_lines([line]) and "10.00x" not in format_lines([line])
+    # the same when the family itself computed a ratio before the check was applied
+    rows[1]["speedup_vs_fastest_baseline"] = 10.0
+    (line,) = summarize({"meta": rows})
+    assert math.isnan(line["speedup"])
+
+
+def test_svm_group_marks_inaccurate_fastmaml_rows_failed_and_drops_every_ratio():
+    group = [{"provider": "fastmaml", "median_ms": 1.0, "rel_err": 1e-2},
+             {"provider": "qpth_maxIter3", "median_ms": 5.0, "rel_err": 1e-5}]
+    bench_heads._mark_svm_group(group)
+    assert group[0]["check"] == "FAILED" and "speedup" not in group[1]
+    group = [{"provider": "fastmaml", "median_ms": 1.0, "rel_err": 1e-7},
+             {"provider": "qpth_maxIter3", "median_ms": 5.0, "rel_err": 0.5}]
+    bench_heads._mark_svm_group(group)
+    assert group[0]["check"] == "ok" and group[1]["check"] == "low accuracy" and group[1]["speedup"] == 5.0
+
+
+def test_missing_peers_are_reported_as_skipped_not_timed(monkeypatch):
+    monkeypatch.setattr(bench_heads, "have_module", lambda name: name != "qpth")
+    rows = bench_heads.skipped_peer_rows({}, family="svm_qp", mode="fwd+bwd", tasks=8, shot=1, features=1600)
+    assert [r["provider"] for r in rows] == ["qpth"]
+    assert rows[0]["check"] == "skipped" and rows[0]["median_ms"] == "" and "not installed" in rows[0]["note"]
+    fast = {"family": "svm_qp", "mode": "fwd+bwd", "tasks": 8, "shot": 1, "features": 1600, "provider": "fastmaml",
+            "median_ms": 2.0, "rel_err": 1e-7, "check": "ok"}
+    peer = dict(rows[0], provider="qpth_maxIter3")
+    (line,) = summarize({"heads": [fast, peer]})
+    assert line["check"].startswith("skipped") and math.isnan(line["speedup"])
+
+
+def test_a_family_skipped_on_a_device_gives_one_skipped_line():
+    rows = bench_heads.main(["--device", "cuda"]) if not torch.cuda.is_available() else None
+    if rows is None:
+        pytest.skip("a CUDA device is present")
+    (line,) = summarize({"heads": rows})
+    assert line["check"] == "skipped"
+
+
+def test_plot_writes_figures_from_the_latest_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = []
+    for run_id, scale in (("run1", 2.0), ("run2", 1.0)):
+        for tasks in (1, 8, 32):
+            for mode in ("out-of-place", "in-place"):
+                for provider in ("foreach_add", "fastmaml-cpu"):
+                    rows.append({"run_id": run_id, "date": "2026-01-01T00:00:00Z", "device": "cpu", "torch": "x",
+                                 "commit": "abc", "lr_form": "scalar", "dtype": "float32", "mode": mode,
+                                 "tasks": tasks, "provider": provider, "median_ms": scale * tasks})
+    with (tmp_path / "inner_update.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert {r["run_id"] for r in plot.latest_run(plot.read_rows(tmp_path / "inner_update.csv"))} == {"run2"}
+    written = plot.main(["--results", str(tmp_path), "--out", str(tmp_path / "fig")])
+    assert [p.name for p in written] == ["bench_inner_update_vs_tasks.png"]
+    assert written[0].stat().st_size > 10_000
