@@ -23,6 +23,15 @@ DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tensors here are tiny: extra threads only add synchronization (and stalls on a busy machine)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 # -- networks and their hand-written functional twins ---------------------------------------------
 def mlp():
     return nn.Sequential(nn.Linear(3, 7), nn.Tanh(), nn.Linear(7, 5), nn.ReLU(), nn.Linear(5, 4)).to(DT)
