@@ -24,4 +24,5 @@ timeout 300 "$PY" -m pytest -q -x tests -p no:cacheprovider 2>&1 | tail -n 60 | 
 echo "== benchmarks =="
 timeout 240 "$PY" -m fastmaml.bench --device cuda --quick 2>&1 | tee "$OUT_DIR/gpu_bench.log"
 cp bench/results/*.csv "$OUT_DIR/" 2>/dev/null || true
+mkdir -p "$OUT_DIR/figures" && cp bench/results/figures/*.png "$OUT_DIR/figures/" 2>/dev/null || true
 echo "gpu check done"

@@ -1,12 +1,16 @@
 """fastmaml: batched, differentiable kernels for optimization-based meta-learning.
 
+``fastmaml.meta``: batched MAML / FOMAML / Reptile / iMAML meta-gradients and HVPs (front door
+``fastmaml.meta.maml_loss`` and ``fastmaml.meta.MAML``). ``fastmaml.heads``: R2-D2 ridge, MetaOptNet
+SVM and ProtoNet heads on batched ridge and QP solvers. Top level: the fused multi-tensor ops.
+
 Every op has a pure-PyTorch reference (``fastmaml.reference``) and fast backends (C++ CPU, CUDA,
 Triton) chosen by one selector (``fastmaml.backend``). All ops take a batch of T tasks: tensors
 carry a leading task dimension ``[T, ...]``.
 """
 import torch  # noqa: F401  (the compiled module links libc10: torch must be imported first)
 
-from . import backend
+from . import backend, heads, meta
 from ._extension import HAS_NATIVE, build_info
 from .inner_update import fd_combine, fd_perturb, fd_step_size, inner_sgd_step, inner_sgd_step_
 from .ops.multi_tensor import task_axpby, task_axpby_, task_dot
@@ -20,8 +24,10 @@ __all__ = [
     "fd_combine",
     "fd_perturb",
     "fd_step_size",
+    "heads",
     "inner_sgd_step",
     "inner_sgd_step_",
+    "meta",
     "task_axpby",
     "task_axpby_",
     "task_dot",
