@@ -1,0 +1,271 @@
+"""learn2learn-style MAML on Omniglot-shaped episodes: before and after moving to fastmaml.
+
+Runs one MAML training loop in several ways and prints, for each, the wall time per
+meta-iteration, the peak extra memory and how far its meta-gradient is from the plain loop's:
+
+  before       the plain per-task autograd loop (learn2learn's pattern, written by hand:
+               clone, K differentiable SGD steps with create_graph=True, query loss .backward())
+  compat       the same loop on fastmaml.compat.MAML (the import line and nothing else changes)
+  batched      all T tasks in one fastmaml.meta.maml_loss call (stack_tasks + maml_loss)
+  learn2learn  learn2learn.algorithms.MAML itself, when --l2l-path points at its package directory
+
+Workload: Conv4 (64 filters, BatchNorm), 1x28x28 random images shaped like Omniglot 5-way 1-shot
+with 15 query images per class, T = 8 tasks per meta-batch, K = 5 inner steps, inner lr 0.4,
+second order, Adam on the meta-parameters.
+
+Every variant runs in its own subprocess (same seed, same initial weights, same episodes).
+Time: median (min-max) wall time of --iters meta-iterations after --warmup. Memory: the
+resident-set high-water mark during the iterations (VmHWM, reset just after setup) minus the
+resident set after setup; children run with MALLOC_MMAP_THRESHOLD_=131072 so freed activations go
+back to the OS instead of fragmenting the heap. Gradients: each variant's meta-gradient of the
+first meta-iteration (before any optimizer step) is compared with the ``before`` variant's, in
+float32 (the timed run) and in float64 (one extra iteration per variant, --no-check64 skips it).
+
+Usage:
+    python examples/l2l_style_before_after.py                      # the table of docs/dropin.md
+    python examples/l2l_style_before_after.py --l2l-path /path/to/site-packages/learn2learn
+    python examples/l2l_style_before_after.py --iters 2 --warmup 1 --filters 16   # a quick look
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from fastmaml.compat import MAML, stack_tasks
+from fastmaml.meta import maml_loss
+from fastmaml.meta.models import Conv4
+
+N_WAY, K_SHOT, N_QUERY = 5, 1, 15
+VARIANTS = ("before", "compat", "batched", "learn2learn")
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def episode(gen: torch.Generator, dtype: torch.dtype):
+    """One random 5-way 1-shot task with 15 queries per class: (xs [5,1,28,28], ys [5], xq [75,...], yq [75])."""
+    xs = torch.randn(N_WAY * K_SHOT, 1, 28, 28, generator=gen).to(dtype)
+    xq = torch.randn(N_WAY * N_QUERY, 1, 28, 28, generator=gen).to(dtype)
+    ys = torch.arange(N_WAY).repeat_interleave(K_SHOT)
+    yq = torch.arange(N_WAY).repeat_interleave(N_QUERY)
+    return xs, ys, xq, yq
+
+
+# -------------------------------------------------------------------------------------------
+# The training step, four ways. Each fills model's .grad with the meta-gradient (mean over tasks).
+# -------------------------------------------------------------------------------------------
+def step_before(model, tasks, num_steps, lr, state):
+    """Plain autograd, task by task: learn2learn's pattern without learn2learn."""
+    theta = dict(model.named_parameters())
+    for xs, ys, xq, yq in tasks:
+        fast = dict(theta)                                                   # learner = maml.clone()
+        for _ in range(num_steps):                                           # learner.adapt(loss)
+            loss = F.cross_entropy(functional_call(model, fast, (xs,)), ys)
+            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
+            fast = {name: p - lr * g for (name, p), g in zip(fast.items(), grads)}
+        (F.cross_entropy(functional_call(model, fast, (xq,)), yq) / len(tasks)).backward()
+
+
+def step_compat(model, tasks, num_steps, lr, state):
+    """fastmaml.compat.MAML: the learn2learn API on fastmaml's fused update."""
+    if "maml" not in state:
+        state["maml"] = MAML(model, lr=lr, first_order=False)
+    maml = state["maml"]
+    for xs, ys, xq, yq in tasks:
+        learner = maml.clone()
+        for _ in range(num_steps):
+            learner.adapt(F.cross_entropy(learner(xs), ys))
+        (F.cross_entropy(learner(xq), yq) / len(tasks)).backward()
+
+
+def step_batched(model, tasks, num_steps, lr, state):
+    """All tasks at once: one maml_loss call on the stacked [T, ...] episodes."""
+    support, query = stack_tasks(tasks)
+    maml_loss(model, F.cross_entropy, support, query, num_steps=num_steps, lr=lr).backward()
+
+
+def load_learn2learn_maml(path: str):
+    """learn2learn's MAML class from its package directory, without importing its dataset modules."""
+    import importlib
+    import types
+
+    try:
+        from learn2learn.algorithms import MAML as L2LMAML
+        return L2LMAML
+    except ImportError:
+        pass
+    for name, sub in (("learn2learn", ""), ("learn2learn.algorithms", "algorithms")):
+        stub = types.ModuleType(name)
+        stub.__path__ = [os.path.join(path, sub)]
+        sys.modules[name] = stub
+    return importlib.import_module("learn2learn.algorithms.maml").MAML
+
+
+def step_learn2learn(model, tasks, num_steps, lr, state):
+    """learn2learn.algorithms.MAML itself (the BEFORE code of docs/dropin.md, verbatim)."""
+    if "maml" not in state:
+        state["maml"] = state["l2l_class"](model, lr=lr, first_order=False)
+    maml = state["maml"]
+    for xs, ys, xq, yq in tasks:
+        learner = maml.clone()
+        for _ in range(num_steps):
+            learner.adapt(F.cross_entropy(learner(xs), ys))
+        (F.cross_entropy(learner(xq), yq) / len(tasks)).backward()
+
+
+STEPS = {"before": step_before, "compat": step_compat, "batched": step_batched, "learn2learn": step_learn2learn}
+
+
+# -------------------------------------------------------------------------------------------
+# One variant in this process (the child)
+# -------------------------------------------------------------------------------------------
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def run_variant(spec: dict) -> dict:
+    torch.set_num_threads(spec["threads"])
+    dtype = getattr(torch, spec["dtype"])
+    torch.manual_seed(0)
+    model = Conv4(1, spec["filters"], N_WAY, 28).to(dtype).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(1)
+    n_iter = spec["warmup"] + spec["iters"]
+    batches = [[episode(gen, dtype) for _ in range(spec["tasks"])] for _ in range(n_iter)]
+    state = {}
+    if spec["variant"] == "learn2learn":
+        state["l2l_class"] = load_learn2learn_maml(spec["l2l_path"])
+    step = STEPS[spec["variant"]]
+
+    try:  # peak RSS of this process from here on (ru_maxrss would carry the parent's peak over exec)
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        rss_before, peak = _status_kb("VmRSS"), lambda: _status_kb("VmHWM")
+    except OSError:
+        rss_before, peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, \
+            lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times, first_grad = [], None
+    for i, tasks in enumerate(batches):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        step(model, tasks, spec["steps"], spec["lr"], state)
+        if first_grad is None:
+            first_grad = [p.grad.detach().clone() for p in model.parameters()]
+        opt.step()
+        if i >= spec["warmup"]:
+            times.append(time.perf_counter() - t0)
+    extra_mb = (peak() - rss_before) / 1024.0
+    torch.save(first_grad, spec["grad_file"])
+    return {"times_ms": [1e3 * t for t in times], "extra_mb": extra_mb}
+
+
+def spawn(spec: dict) -> dict:
+    code = ("import json, sys; sys.path.insert(0, %r); import l2l_style_before_after as m; "
+            "print(json.dumps(m.run_variant(json.loads(%r))))") % (os.path.dirname(os.path.abspath(__file__)),
+                                                                  json.dumps(spec))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore", **MALLOC_ENV})
+    if out.returncode != 0:
+        raise RuntimeError(f"variant {spec['variant']} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def relative_difference(grad, ref) -> tuple[float, float]:
+    """Over all parameters: (||g - ref|| / ||ref||, max |g - ref| / max |ref|).
+
+    Not per tensor: the conv biases in front of BatchNorm have a zero meta-gradient (BN removes
+    them), so their own relative differences are rounding noise divided by rounding noise.
+    """
+    a = torch.cat([g.double().flatten() for g in grad])
+    b = torch.cat([g.double().flatten() for g in ref])
+    return float((a - b).norm() / b.norm()), float((a - b).abs().max() / b.abs().max())
+
+
+def load_average() -> str:
+    try:
+        with open("/proc/loadavg") as fh:
+            return " ".join(fh.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tasks", type=int, default=8, help="tasks per meta-batch T")
+    ap.add_argument("--steps", type=int, default=5, help="inner steps K")
+    ap.add_argument("--lr", type=float, default=0.4, help="inner step size")
+    ap.add_argument("--filters", type=int, default=64, help="Conv4 filters")
+    ap.add_argument("--iters", type=int, default=5, help="timed meta-iterations per variant")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed meta-iterations first")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in each variant's process")
+    ap.add_argument("--variants", default="before,compat,batched",
+                    help=f"comma-separated, from {VARIANTS} (learn2learn is added by --l2l-path)")
+    ap.add_argument("--l2l-path", default=None, help="learn2learn's package directory (…/site-packages/learn2learn)")
+    ap.add_argument("--no-check64", action="store_true", help="skip the float64 gradient agreement run")
+    args = ap.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    if args.l2l_path and "learn2learn" not in variants:
+        variants.append("learn2learn")
+    for v in variants:
+        if v not in VARIANTS:
+            raise ValueError(f"--variants: unknown variant {v!r}; choose from {VARIANTS}")
+        if v == "learn2learn" and not args.l2l_path:
+            raise ValueError("--variants learn2learn needs --l2l-path")
+    if variants[0] != "before":
+        variants.insert(0, "before")  # the reference of the gradient check
+
+    print(f"torch {torch.__version__}, {args.threads} thread(s) per variant, {os.cpu_count()} CPUs, "
+          f"load average {load_average()} (start)")
+    print(f"Conv4-{args.filters} + BN, 1x28x28, {N_WAY}-way {K_SHOT}-shot, {N_QUERY} query/class, "
+          f"T = {args.tasks}, K = {args.steps}, lr = {args.lr}, second order, float32")
+    base = dict(tasks=args.tasks, steps=args.steps, lr=args.lr, filters=args.filters, threads=args.threads,
+                l2l_path=args.l2l_path)
+    rows, grads32, grads64 = {}, {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for v in variants:
+            f = os.path.join(tmp, f"{v}32.pt")
+            rows[v] = spawn({**base, "variant": v, "dtype": "float32", "iters": args.iters, "warmup": args.warmup,
+                             "grad_file": f})
+            grads32[v] = torch.load(f)
+            if not args.no_check64:
+                f = os.path.join(tmp, f"{v}64.pt")
+                spawn({**base, "variant": v, "dtype": "float64", "iters": 0, "warmup": 1, "grad_file": f})
+                grads64[v] = torch.load(f)
+
+    ref_ms = statistics.median(rows["before"]["times_ms"])
+    ref_mb = rows["before"]["extra_mb"]
+    head = (f"{'variant':>12} {'ms/iter':>9} {'min':>8} {'max':>8} {'speed-up':>8} {'peak +MB':>9} {'mem x':>6} "
+            f"{'rel diff f32':>12} {'rel diff f64':>12}")
+    print(head)
+    worst = {"float32": 0.0, "float64": 0.0}
+    for v in variants:
+        t = rows[v]["times_ms"]
+        med = statistics.median(t)
+        d32 = relative_difference(grads32[v], grads32["before"])[0]
+        d64 = relative_difference(grads64[v], grads64["before"])[0] if grads64 else float("nan")
+        worst["float32"] = max(worst["float32"], relative_difference(grads32[v], grads32["before"])[1])
+        if grads64:
+            worst["float64"] = max(worst["float64"], relative_difference(grads64[v], grads64["before"])[1])
+        print(f"{v:>12} {med:9.0f} {min(t):8.0f} {max(t):8.0f} {ref_ms / med:8.2f} {rows[v]['extra_mb']:9.0f} "
+              f"{rows[v]['extra_mb'] / ref_mb:6.2f} {d32:12.1e} {d64:12.1e}")
+    print("rel diff: ||g - g_before|| / ||g_before|| over all parameters, first meta-iteration")
+    print("max relative difference of the meta-gradients, max |g - g_before| / max |g_before| over all "
+          "parameters, worst variant: " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items() if k == "float32" or grads64))
+    print(f"load average {load_average()} (end)")
+
+
+if __name__ == "__main__":
+    main()
