@@ -240,6 +240,17 @@ def meta_train(learner, pool, cfg: Config, shot: int, seed: int, desc: str) -> t
     return elapsed, losses
 
 
+def meta_test_episodes(pool, cfg: Config, shot: int) -> list:
+    """The meta-test episodes of a run, in batches of ``cfg.eval_batch`` (the same for every method)."""
+    gen = torch.Generator().manual_seed(10_000 + 100 * cfg.seed + shot)
+    episodes, left = [], cfg.test_episodes
+    while left > 0:
+        b = min(cfg.eval_batch, left)
+        episodes.append(_episodes(pool, cfg, shot, b, gen))
+        left -= b
+    return episodes
+
+
 def meta_test(learner, episodes) -> Tensor:
     """Accuracy of every meta-test episode, ``[E]``."""
     accs = []
@@ -263,13 +274,7 @@ def run(cfg: Config) -> list[dict]:
             check_episode_shape(pool, cfg.ways, shot, cfg.query)
     rows = []
     for shot in cfg.shots:
-        # The same meta-test episodes for every method.
-        gen = torch.Generator().manual_seed(10_000 + 100 * cfg.seed + shot)
-        episodes, left = [], cfg.test_episodes
-        while left > 0:
-            b = min(cfg.eval_batch, left)
-            episodes.append(_episodes(test_pool, cfg, shot, b, gen))
-            left -= b
+        episodes = meta_test_episodes(test_pool, cfg, shot)
         for method in cfg.methods:
             torch.manual_seed(cfg.seed)
             learner = make_learner(method, cfg)
@@ -390,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help=f"folder for the figure (default {DEFAULT_OUT}; smoke: required)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--smoke", action="store_true",
-                   help="tiny budgets (seconds): 2-way, 40 iterations, 40 test episodes; needs --out")
+                   help="tiny budgets (seconds): 8 filters, 5 queries, 30 iterations x 4 tasks, 40 test episodes; "
+                        "needs --out")
     return p
 
 
@@ -401,7 +407,7 @@ def config_from_args(argv=None) -> Config:
     if args.smoke:
         if args.out is None:
             parser.error("--smoke needs --out (the smoke run must not overwrite the figures in docs/figures)")
-        smoke = dict(ways=2, query=5, iterations=40, meta_batch=4, filters=8, test_episodes=40, eval_batch=20)
+        smoke = dict(ways=args.ways, query=5, iterations=30, meta_batch=4, filters=8, test_episodes=40, eval_batch=20)
         cfg = Config(methods=tuple(dict.fromkeys(args.methods)), shots=tuple(dict.fromkeys(args.shots)),
                      inner_steps=1, test_inner_steps=3, reptile_steps=3, outer_lr=5e-3, head_bn=args.head_bn,
                      seed=args.seed,
