@@ -40,7 +40,8 @@ from fastmaml.meta.models import mse_loss, sinusoid_mlp
 AMPLITUDE_RANGE = (0.1, 5.0)
 PHASE_RANGE = (0.0, math.pi)
 INPUT_RANGE = (-5.0, 5.0)
-DEFAULT_FIGURES = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "docs", "figures"))
+DEFAULT_FIGURES = os.path.normpath(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "docs", "figures"))
 
 
 # -- tasks ------------------------------------------------------------------------------------------
@@ -427,7 +428,7 @@ def _run(args: argparse.Namespace) -> dict:
     fit_path = os.path.join(out, "sinusoid_fits.png")
     curve_path = os.path.join(out, "sinusoid_mse_vs_steps.png")
     plot_fits(fit_path, fits, shots_list, (amplitude[0].item(), phase[0].item()),
-              show_steps=(0, 1, args.steps))
+              show_steps=tuple(sorted({0, 1, args.steps})))
     plot_curves(curve_path, curves, shots_list)
     print(f"\nfigures: {fit_path}, {curve_path}")
     return {"table": rows, "curves": curves, "train": train_logs, "figures": [fit_path, curve_path],
