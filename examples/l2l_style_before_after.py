@@ -16,8 +16,9 @@ second order, Adam on the meta-parameters.
 Every variant runs in its own subprocess (same seed, same initial weights, same episodes).
 Time: median (min-max) wall time of --iters meta-iterations after --warmup. Memory: the
 resident-set high-water mark during the iterations (VmHWM, reset just after setup) minus the
-resident set after setup; children run with MALLOC_MMAP_THRESHOLD_=131072 so freed activations go
-back to the OS instead of fragmenting the heap. Gradients: each variant's meta-gradient of the
+resident set after setup (on CUDA: the allocator's peak above what is allocated after setup);
+children run with MALLOC_MMAP_THRESHOLD_=131072 so freed activations go back to the OS instead of
+fragmenting the heap. Gradients: each variant's meta-gradient of the
 first meta-iteration (before any optimizer step) is compared with the ``before`` variant's, in
 float32 (the timed run) and in float64 (one extra iteration per variant, --no-check64 skips it).
 
@@ -51,12 +52,12 @@ VARIANTS = ("before", "compat", "batched", "learn2learn")
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
-def episode(gen: torch.Generator, dtype: torch.dtype):
+def episode(gen: torch.Generator, dtype: torch.dtype, device: str = "cpu"):
     """One random 5-way 1-shot task with 15 queries per class: (xs [5,1,28,28], ys [5], xq [75,...], yq [75])."""
-    xs = torch.randn(N_WAY * K_SHOT, 1, 28, 28, generator=gen).to(dtype)
-    xq = torch.randn(N_WAY * N_QUERY, 1, 28, 28, generator=gen).to(dtype)
-    ys = torch.arange(N_WAY).repeat_interleave(K_SHOT)
-    yq = torch.arange(N_WAY).repeat_interleave(N_QUERY)
+    xs = torch.randn(N_WAY * K_SHOT, 1, 28, 28, generator=gen).to(device, dtype)
+    xq = torch.randn(N_WAY * N_QUERY, 1, 28, 28, generator=gen).to(device, dtype)
+    ys = torch.arange(N_WAY, device=device).repeat_interleave(K_SHOT)
+    yq = torch.arange(N_WAY, device=device).repeat_interleave(N_QUERY)
     return xs, ys, xq, yq
 
 
@@ -140,34 +141,44 @@ def run_variant(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     dtype = getattr(torch, spec["dtype"])
     torch.manual_seed(0)
-    model = Conv4(1, spec["filters"], N_WAY, 28).to(dtype).train()
+    device = spec["device"]
+    model = Conv4(1, spec["filters"], N_WAY, 28).to(device, dtype).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(1)
     n_iter = spec["warmup"] + spec["iters"]
-    batches = [[episode(gen, dtype) for _ in range(spec["tasks"])] for _ in range(n_iter)]
+    batches = [[episode(gen, dtype, device) for _ in range(spec["tasks"])] for _ in range(n_iter)]
     state = {}
     if spec["variant"] == "learn2learn":
         state["l2l_class"] = load_learn2learn_maml(spec["l2l_path"])
     step = STEPS[spec["variant"]]
 
-    try:  # peak RSS of this process from here on (ru_maxrss would carry the parent's peak over exec)
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        rss_before, peak = _status_kb("VmRSS"), lambda: _status_kb("VmHWM")
-    except OSError:
-        rss_before, peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, \
-            lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cuda = device.startswith("cuda")
+    if cuda:  # device memory: the allocator's peak above what is allocated after setup
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        kb_before = torch.cuda.memory_allocated(device) / 1024.0
+        peak = lambda: torch.cuda.max_memory_allocated(device) / 1024.0  # noqa: E731
+    else:  # peak RSS of this process from here on (ru_maxrss would carry the parent's peak over exec)
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            kb_before, peak = _status_kb("VmRSS"), lambda: _status_kb("VmHWM")
+        except OSError:
+            kb_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # noqa: E731
     times, first_grad = [], None
     for i, tasks in enumerate(batches):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         step(model, tasks, spec["steps"], spec["lr"], state)
         if first_grad is None:
-            first_grad = [p.grad.detach().clone() for p in model.parameters()]
+            first_grad = [p.grad.detach().cpu().clone() for p in model.parameters()]
         opt.step()
+        if cuda:
+            torch.cuda.synchronize(device)
         if i >= spec["warmup"]:
             times.append(time.perf_counter() - t0)
-    extra_mb = (peak() - rss_before) / 1024.0
+    extra_mb = (peak() - kb_before) / 1024.0
     torch.save(first_grad, spec["grad_file"])
     return {"times_ms": [1e3 * t for t in times], "extra_mb": extra_mb}
 
@@ -211,6 +222,7 @@ def main(argv=None) -> None:
     ap.add_argument("--iters", type=int, default=5, help="timed meta-iterations per variant")
     ap.add_argument("--warmup", type=int, default=1, help="untimed meta-iterations first")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in each variant's process")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:i] (memory is then the CUDA allocator's peak)")
     ap.add_argument("--variants", default="before,compat,batched",
                     help=f"comma-separated, from {VARIANTS} (learn2learn is added by --l2l-path)")
     ap.add_argument("--l2l-path", default=None, help="learn2learn's package directory (…/site-packages/learn2learn)")
@@ -227,12 +239,13 @@ def main(argv=None) -> None:
     if variants[0] != "before":
         variants.insert(0, "before")  # the reference of the gradient check
 
-    print(f"torch {torch.__version__}, {args.threads} thread(s) per variant, {os.cpu_count()} CPUs, "
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{os.cpu_count()} CPUs"
+    print(f"torch {torch.__version__}, {args.device} ({where}), {args.threads} thread(s) per variant, "
           f"load average {load_average()} (start)")
     print(f"Conv4-{args.filters} + BN, 1x28x28, {N_WAY}-way {K_SHOT}-shot, {N_QUERY} query/class, "
           f"T = {args.tasks}, K = {args.steps}, lr = {args.lr}, second order, float32")
     base = dict(tasks=args.tasks, steps=args.steps, lr=args.lr, filters=args.filters, threads=args.threads,
-                l2l_path=args.l2l_path)
+                l2l_path=args.l2l_path, device=args.device)
     rows, grads32, grads64 = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for v in variants:
@@ -262,8 +275,9 @@ def main(argv=None) -> None:
         print(f"{v:>12} {med:9.0f} {min(t):8.0f} {max(t):8.0f} {ref_ms / med:8.2f} {rows[v]['extra_mb']:9.0f} "
               f"{rows[v]['extra_mb'] / ref_mb:6.2f} {d32:12.1e} {d64:12.1e}")
     print("rel diff: ||g - g_before|| / ||g_before|| over all parameters, first meta-iteration")
-    print("max relative difference of the meta-gradients, max |g - g_before| / max |g_before| over all "
-          "parameters, worst variant: " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items() if k == "float32" or grads64))
+    shown = ", ".join(f"{k} {v:.1e}" for k, v in worst.items() if k == "float32" or grads64)
+    print(f"max relative difference of the meta-gradients (max |g - g_before| / max |g_before| over all "
+          f"parameters, worst variant): {shown}")
     print(f"load average {load_average()} (end)")
 
 

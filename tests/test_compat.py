@@ -315,7 +315,8 @@ def _replace(tasks, t, slot, value):
      r"tasks\[1\] xq has dtype torch.float32 but tasks\[0\] xq has torch.float64"),
     (lambda ts: [(a, b, c.float(), d) for a, b, c, d in ts], TypeError,
      "xs has dtype torch.float64 but xq has torch.float32"),
-    (lambda ts: [(a, b, c, d.int()) for a, b, c, d in ts], TypeError, "ys has dtype torch.int64 but yq has torch.int32"),
+    (lambda ts: [(a, b, c, d.int()) for a, b, c, d in ts], TypeError,
+     "ys has dtype torch.int64 but yq has torch.int32"),
     (lambda ts: [(a, b, c[..., :4], d) for a, b, c, d in ts], ValueError,
      r"xs samples have shape \(1, 8, 8\) but xq samples have \(1, 8, 4\)"),
     (lambda ts: _replace(ts, 0, 3, torch.tensor(1)), ValueError, r"tasks\[0\] yq must have a batch dimension"),
@@ -386,7 +387,8 @@ def test_adapted_params_and_per_task_forward_match_learners():
         for name, p in learner._adapted.items():
             torch.testing.assert_close(phi[name][t], p.detach(), **TOL)
         torch.testing.assert_close(logits[t], learner(c).detach(), **TOL)
-    with pytest.raises(ValueError, match=r"params\['0.weight'\] has shape \(3, 3, 1, 3, 3\); expected \(2, 3, 1, 3, 3\)"):
+    with pytest.raises(ValueError, match=r"params\['0.weight'\] has shape \(3, 3, 1, 3, 3\); "
+                                         r"expected \(2, 3, 1, 3, 3\)"):
         per_task_forward(model, phi, xq[:2])
     with pytest.raises(ValueError, match="not a parameter of the model"):
         per_task_forward(model, {"nope": phi["5.weight"]}, xq)
