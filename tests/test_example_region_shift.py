@@ -106,3 +106,27 @@ def test_out_must_be_a_folder(example, tmp_path):
     f.write_bytes(b"x")
     with pytest.raises(ValueError, match="--out"):
         example.main(["--smoke", "--out", str(f)])
+
+
+def test_fine_tuning_loop_matches_fastmaml_adapt(example):
+    from fastmaml.meta import adapt
+
+    net = example.make_net(0, 13, 6, 16).double()
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(5, 12, 13, generator=g, dtype=torch.float64)
+    ys = torch.randint(0, 6, (5, 12), generator=g)
+    tm, phi0 = example.initial_weights([net], 5)
+    phi = example.sgd_steps(tm, [p.clone() for p in phi0], (xs, ys), 0.3, 4)
+    expected = adapt(tm, (xs, ys), 4, 0.3)
+    for a, b in zip(phi, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert max(float((a - b).abs().max()) for a, b in zip(phi, phi0)) > 1e-3   # it moved
+
+
+def test_random_init_gives_every_task_its_own_network(example):
+    nets = [example.make_net(s, 13, 6, 8) for s in range(3)]
+    tm, phi0 = example.initial_weights(nets, 3)
+    assert all(p.shape[0] == 3 for p in phi0)
+    assert not torch.equal(phi0[0][0], phi0[0][1])
+    with pytest.raises(ValueError, match="nets"):
+        example.initial_weights(nets, 4)
