@@ -16,7 +16,10 @@ with 15 query images per class, T = 8 tasks per meta-batch, K = 5 inner steps, i
 second order, Adam on the meta-parameters.
 
 Every variant runs in its own subprocess (same seed, same initial weights, same episodes).
-Time: median (min-max) wall time of --iters meta-iterations after --warmup. Memory: the
+Time: median (min-max) wall time and median process CPU time of the timed meta-iterations
+(--iters per round after --warmup untimed ones; --rounds rounds that run every variant in turn, so
+a change in machine load hits all variants alike); the speed-ups are the ``before`` median over
+the variant's, in wall and in CPU time (CPU time is the steadier one on a shared machine). Memory: the
 resident-set high-water mark during the iterations (VmHWM, reset just after setup) minus the
 resident set after setup (on CUDA: the allocator's peak above what is allocated after setup);
 children run with MALLOC_MMAP_THRESHOLD_=131072 so freed activations go back to the OS instead of
@@ -189,9 +192,9 @@ def run_variant(spec: dict) -> dict:
         except OSError:
             kb_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # noqa: E731
-    times, first_grad = [], None
+    times, cpu_times, first_grad = [], [], None
     for i, tasks in enumerate(batches):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         opt.zero_grad(set_to_none=True)
         step(model, tasks, spec["steps"], spec["lr"], state)
         if first_grad is None:
@@ -201,9 +204,10 @@ def run_variant(spec: dict) -> dict:
             torch.cuda.synchronize(device)
         if i >= spec["warmup"]:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     extra_mb = (peak() - kb_before) / 1024.0
     torch.save(first_grad, spec["grad_file"])
-    return {"times_ms": [1e3 * t for t in times], "extra_mb": extra_mb}
+    return {"times_ms": [1e3 * t for t in times], "cpu_ms": [1e3 * t for t in cpu_times], "extra_mb": extra_mb}
 
 
 def spawn(spec: dict) -> dict:
@@ -243,7 +247,8 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=0.4, help="inner step size")
     ap.add_argument("--filters", type=int, default=64, help="Conv4 filters")
     ap.add_argument("--iters", type=int, default=5, help="timed meta-iterations per variant")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed meta-iterations first")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed meta-iterations first, in every round")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of all variants, one after the other")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in each variant's process")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i] (memory is then the CUDA allocator's peak)")
     ap.add_argument("--variants", default="before,compat,batched,torchfunc",
@@ -271,19 +276,30 @@ def main(argv=None) -> None:
                 l2l_path=args.l2l_path, device=args.device)
     rows, grads32, grads64 = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for v in variants:
-            f = os.path.join(tmp, f"{v}32.pt")
-            rows[v] = spawn({**base, "variant": v, "dtype": "float32", "iters": args.iters, "warmup": args.warmup,
+        for r in range(args.rounds):
+            for v in variants:
+                f = os.path.join(tmp, f"{v}32.pt")
+                out = spawn({**base, "variant": v, "dtype": "float32", "iters": args.iters, "warmup": args.warmup,
                              "grad_file": f})
-            grads32[v] = torch.load(f)
-            if not args.no_check64:
+                row = rows.setdefault(v, {"times_ms": [], "cpu_ms": [], "extra_mb": []})
+                for key in ("times_ms", "cpu_ms"):
+                    row[key] += out[key]
+                row["extra_mb"].append(out["extra_mb"])
+                if r == 0:
+                    grads32[v] = torch.load(f)
+        if not args.no_check64:
+            for v in variants:
                 f = os.path.join(tmp, f"{v}64.pt")
                 spawn({**base, "variant": v, "dtype": "float64", "iters": 0, "warmup": 1, "grad_file": f})
                 grads64[v] = torch.load(f)
+    for row in rows.values():
+        row["extra_mb"] = statistics.median(row["extra_mb"])
 
     ref_ms = statistics.median(rows["before"]["times_ms"])
+    ref_cpu = statistics.median(rows["before"]["cpu_ms"])
     ref_mb = rows["before"]["extra_mb"]
-    head = (f"{'variant':>12} {'ms/iter':>9} {'min':>8} {'max':>8} {'speed-up':>8} {'peak +MB':>9} {'mem x':>6} "
+    head = (f"{'variant':>12} {'ms/iter':>8} {'min':>6} {'max':>6} {'wall x':>6} {'cpu ms':>6} {'cpu x':>5} "
+            f"{'peak +MB':>8} {'mem x':>5} "
             f"{'f32 rel':>8} {'f32 max':>8} {'f64 rel':>8} {'f64 max':>8}")
     print(head)
     agree, disagree = [], []
@@ -294,8 +310,11 @@ def main(argv=None) -> None:
         d64 = relative_difference(grads64[v], grads64["before"]) if grads64 else (float("nan"),) * 2
         if v != "before" and grads64:
             (agree if d64[1] <= 1e-10 else disagree).append(v)
-        print(f"{v:>12} {med:9.0f} {min(t):8.0f} {max(t):8.0f} {ref_ms / med:8.2f} {rows[v]['extra_mb']:9.0f} "
-              f"{rows[v]['extra_mb'] / ref_mb:6.2f} {d32[0]:8.1e} {d32[1]:8.1e} {d64[0]:8.1e} {d64[1]:8.1e}")
+        cpu = statistics.median(rows[v]["cpu_ms"])
+        print(f"{v:>12} {med:8.0f} {min(t):6.0f} {max(t):6.0f} {ref_ms / med:6.2f} {cpu:6.0f} {ref_cpu / cpu:5.2f} "
+              f"{rows[v]['extra_mb']:8.0f} {rows[v]['extra_mb'] / ref_mb:5.2f} "
+              f"{d32[0]:8.1e} {d32[1]:8.1e} {d64[0]:8.1e} {d64[1]:8.1e}")
+    print(f"{args.rounds} round(s) x {args.iters} timed iterations per variant; peak +MB: median over rounds")
     print("rel: ||g - g_before|| / ||g_before||, max: max |g - g_before| / max |g_before|, over all parameters, "
           "first meta-iteration")
     if grads64:
