@@ -32,7 +32,7 @@ regions (one task per region) with a 95% confidence interval (1.96 standard erro
 experiment fixes the shots (5) and moves the test regions' shift angle progressively outside the
 meta-training range.
 
-Run (about 5 minutes on 2 CPU cores)::
+Run (about 5 minutes on 2 busy CPU cores)::
 
     python examples/region_shift.py              # tables on stdout, figures in docs/figures/
     python examples/region_shift.py --smoke      # a few seconds, figures in a temporary folder
@@ -365,11 +365,14 @@ def _parse(argv: Optional[Sequence[str]]):
     p.add_argument("--test-tasks", type=int, default=500, help="test regions (one task each) per shot count")
     p.add_argument("--val-tasks", type=int, default=150, help="validation regions for picking fine-tuning settings")
     p.add_argument("--extrap-tasks", type=int, default=200, help="test regions per shift angle")
+    p.add_argument("--extrap-val-tasks", type=int, default=80,
+                   help="validation regions per shift angle for re-tuning pretrain and MAML (0: skip)")
     p.add_argument("--query", type=int, default=15, help="query pixels per class")
     args = p.parse_args(argv)
     if args.smoke:
         args.train_regions, args.pool, args.meta_steps, args.meta_batch, args.pretrain_steps = 16, 20, 30, 8, 150
         args.test_tasks, args.val_tasks, args.extrap_tasks, args.hidden = 40, 20, 20, 32
+        args.extrap_val_tasks = min(args.extrap_val_tasks, 10)
     for name in ("seed",):
         _check_int(getattr(args, name), f"--{name}", 0)
     for name in ("threads", "train_regions", "meta_steps", "meta_batch", "inner_steps", "pretrain_steps",
@@ -378,6 +381,7 @@ def _parse(argv: Optional[Sequence[str]]):
     if not args.shots or any(k < 0 for k in args.shots) or len(set(args.shots)) != len(args.shots):
         raise ValueError(f"--shots must be distinct integers >= 0, got {args.shots}")
     _check_int(args.extrap_shots, "--extrap-shots", 1)
+    _check_int(args.extrap_val_tasks, "--extrap-val-tasks", 0)
     _check_float(args.inner_lr, "--inner-lr")
     _check_float(args.train_angle, "--train-angle")
     _check_float(args.max_angle, "--max-angle")
@@ -400,14 +404,20 @@ def _fine_tune_grid(method: str, smoke: bool) -> tuple[tuple[float, ...], tuple[
     if smoke:
         return ((0.5,), (40,)) if method == "random init" else ((0.2, 0.5), (5, 25))
     if method == "random init":
-        return (0.03, 0.1, 0.3), (30, 100, 300)
+        return (0.03, 0.1), (30, 100, 300)
     return (0.01, 0.03, 0.1, 0.5), (5, 25, 100, 200)   # includes MAML's meta-training inner loop (5, 0.5)
+
+
+def _shift_aware_grid(smoke: bool) -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """The smaller grid for re-tuning pretrain and MAML at every shift angle of the extrapolation test."""
+    return ((0.5,), (5, 25)) if smoke else ((0.03, 0.1), (5, 25, 100, 200))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run both experiments; returns the measured numbers (also printed) and the figure paths."""
     args = _parse(argv)
     torch.set_num_threads(args.threads)
+    args.load_start = os.getloadavg()[0]
     out = args.out or (tempfile.mkdtemp(prefix="region_shift_") if args.smoke else DEFAULT_FIGURES)
     os.makedirs(out, exist_ok=True)
     progress = not args.smoke
@@ -458,6 +468,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         n = xs.shape[0]
         return (xs.view(n, C, -1, D)[:, :, :k].reshape(n, -1, D), ys.view(n, C, -1)[:, :, :k].reshape(n, -1))
 
+    def pick(method, support, query, grid):
+        """The (steps, step size) of the grid with the best mean accuracy on these tasks."""
+        scores = []
+        for lr in grid[0]:
+            acc = curves(method, support, query, lr, grid[1])
+            scores += [(float(acc[c].mean()), c, lr) for c in grid[1]]
+        best = max(scores, key=lambda t: t[0])
+        return best[1], best[2], best[0]
+
     picks, shot_results = {}, {}
     shot_list = sorted(set(args.shots) | {args.extrap_shots})
     bar = tqdm(total=len(shot_list) * len(METHODS), desc="evaluating shots", disable=not progress, leave=False)
@@ -466,13 +485,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             if k == 0:
                 picks[method, k] = (0, 0.0, float("nan"))
             else:
-                lrs, checkpoints = _fine_tune_grid(method, args.smoke)
-                scores = []
-                for lr in lrs:
-                    acc = curves(method, first_shots(val_support, k), val_query, lr, checkpoints)
-                    scores += [(float(acc[c].mean()), c, lr) for c in checkpoints]
-                best = max(scores, key=lambda t: t[0])
-                picks[method, k] = (best[1], best[2], best[0])
+                picks[method, k] = pick(method, first_shots(val_support, k), val_query,
+                                        _fine_tune_grid(method, args.smoke))
             steps, lr, _ = picks[method, k]
             if k in args.shots:
                 acc = curves(method, first_shots(test_support, k), test_query, lr, [steps])[steps]
@@ -480,23 +494,32 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             bar.update()
     bar.close()
 
-    # extrapolation: fixed shots, shift angle moved outside the meta-training range
-    num_points = 4 if args.smoke else 13
+    # extrapolation: fixed shots, shift angle moved outside the meta-training range. Every method
+    # first keeps the settings it was tuned to in the training range (nobody knows the shift of a
+    # new region); then pretrain and MAML are re-tuned on validation regions of that shift angle.
+    num_points = 4 if args.smoke else 9
     magnitudes = [args.max_angle * i / (num_points - 1) for i in range(num_points)]
-    extrap = {}
+    extrap, extrap_picks = {}, {}
     for i, mag in enumerate(tqdm(magnitudes, desc="extrapolation", disable=not progress, leave=False)):
         support, query = held_out(args.extrap_tasks, mag, mag, args.extrap_shots, args.seed + 100 + i)
         for method in METHODS:
             steps, lr, _ = picks[method, args.extrap_shots]
             acc = curves(method, support, query, lr, [0, steps])
             extrap[method, mag] = mean_ci(acc[steps])
-            if method != "random init":   # the initialization without adaptation, for reference
-                extrap[("pretrain" if method == METHODS[1] else "MAML") + ", 0 shots", mag] = mean_ci(acc[0])
+            if method == "random init":
+                continue
+            short = "pretrain" if method == METHODS[1] else "MAML"
+            extrap[f"{short}, 0 shots", mag] = mean_ci(acc[0])   # the initialization, not adapted
+            if args.extrap_val_tasks:
+                val = held_out(args.extrap_val_tasks, mag, mag, args.extrap_shots, args.seed + 200 + i)
+                steps, lr, v = extrap_picks[method, mag] = pick(method, *val, _shift_aware_grid(args.smoke))
+                extrap[f"{short}, re-tuned", mag] = mean_ci(curves(method, support, query, lr, [steps])[steps])
     wall = time.perf_counter() - started
 
-    _print_tables(args, shot_results, picks, extrap, magnitudes, pre_log, maml_log, wall)
+    _print_tables(args, shot_results, picks, extrap, extrap_picks, magnitudes, pre_log, maml_log, wall)
     figures = _plot(args, out, world, shot_results, extrap, magnitudes)
-    return {"shots": shot_results, "picks": picks, "extrapolation": extrap, "magnitudes": magnitudes,
+    return {"shots": shot_results, "picks": picks, "extrapolation": extrap, "extrapolation_picks": extrap_picks,
+            "magnitudes": magnitudes,
             "figures": figures, "pretrain": pre_log, "maml": maml_log, "wall_s": wall}
 
 
@@ -504,12 +527,14 @@ def _fmt(mc) -> str:
     return f"{mc[0]:.3f} +- {mc[1]:.3f}"
 
 
-def _print_tables(args, shot_results, picks, extrap, magnitudes, pre_log, maml_log, wall):
+def _print_tables(args, shot_results, picks, extrap, extrap_picks, magnitudes, pre_log, maml_log, wall):
     print(f"\nregions: shift angle in [-{args.train_angle:g}, {args.train_angle:g}] deg for meta-training; "
           f"{len(CLASSES)} classes, {len(BANDS)} bands; {args.test_tasks} test regions (one task each)")
     print(f"pretrain {args.pretrain_steps} Adam steps ({pre_log['wall_s']:.1f} s); MAML {args.meta_steps} "
           f"meta-steps x {args.meta_batch} regions, K={args.inner_steps}, inner lr {args.inner_lr} "
-          f"({maml_log['wall_s']:.1f} s); total {wall:.1f} s\n")
+          f"({maml_log['wall_s']:.1f} s); total {wall:.1f} s; load average {args.load_start:.2f} at the "
+          f"start, {os.getloadavg()[0]:.2f} at the end ({os.cpu_count()} CPUs, {torch.get_num_threads()} torch "
+          f"threads)\n")
     head = f"{'shots':>5}  " + "  ".join(f"{m:>22}" for m in METHODS)
     print("accuracy on held-out regions in the training range (mean +- 95% CI)")
     print(head)
@@ -521,14 +546,21 @@ def _print_tables(args, shot_results, picks, extrap, magnitudes, pre_log, maml_l
         if k == 0:
             continue
         print(f"{k:>5}  " + "  ".join(f"{'%d, %g, %.3f' % picks[m, k]:>22}" for m in METHODS))
-    cols = list(METHODS) + ["pretrain, 0 shots", "MAML, 0 shots"]
-    print(f"\nextrapolation: accuracy at {args.extrap_shots} shots vs |shift angle| "
-          f"(meta-training range: {args.train_angle:g} deg)")
-    print(f"{'angle':>5}  " + "  ".join(f"{c:>22}" for c in cols))
+    cols = list(METHODS) + ["pretrain, re-tuned", "MAML, re-tuned", "pretrain, 0 shots", "MAML, 0 shots"]
+    cols = [c for c in cols if (c, magnitudes[0]) in extrap]
+    short = {METHODS[0]: "random init", METHODS[1]: "pretrain", METHODS[2]: "MAML"}
+    print(f"\nextrapolation: accuracy at {args.extrap_shots} shots vs |shift angle| (meta-training range: "
+          f"{args.train_angle:g} deg; settings tuned in range, 're-tuned' = picked on regions of that angle)")
+    print(f"{'angle':>5}  " + "  ".join(f"{short.get(c, c):>18}" for c in cols))
     for mag in magnitudes:
         mark = "*" if mag > args.train_angle else " "
-        print(f"{mag:>4.0f}{mark}  " + "  ".join(f"{_fmt(extrap[c, mag]):>22}" for c in cols))
+        print(f"{mag:>4.0f}{mark}  " + "  ".join(f"{_fmt(extrap[c, mag]):>18}" for c in cols))
     print("(* outside the meta-training range)")
+    if extrap_picks:
+        print("\nre-tuned settings per angle (SGD steps, step size, validation accuracy)")
+        print(f"{'angle':>5}  " + "  ".join(f"{m:>22}" for m in METHODS[1:]))
+        for mag in magnitudes:
+            print(f"{mag:>5.0f}  " + "  ".join(f"{'%d, %g, %.3f' % extrap_picks[m, mag]:>22}" for m in METHODS[1:]))
 
 
 def _plot(args, out, world, shot_results, extrap, magnitudes) -> list[str]:
@@ -557,13 +589,17 @@ def _plot(args, out, world, shot_results, extrap, magnitudes) -> list[str]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6.2, 3.8))
+    fig, ax = plt.subplots(figsize=(7.0, 4.4))
     ax.axvspan(0, args.train_angle, color="tab:green", alpha=0.12, label="meta-training range")
     for m in METHODS:
         mean = [extrap[m, a][0] for a in magnitudes]
         ci = [extrap[m, a][1] for a in magnitudes]
-        ax.errorbar(magnitudes, mean, yerr=ci, marker="o", ms=4, capsize=2, label=f"{m}, {args.extrap_shots} shots",
+        ax.errorbar(magnitudes, mean, yerr=ci, marker="o", ms=4, capsize=2, label=f"{m}, {args.extrap_shots} shots (tuned in range)",
                     color=colors[m])
+    for name, m in (("pretrain, re-tuned", METHODS[1]), ("MAML, re-tuned", METHODS[2])):
+        if (name, magnitudes[0]) in extrap:
+            ax.plot(magnitudes, [extrap[name, a][0] for a in magnitudes], ls="-.", marker="x", ms=4, lw=1,
+                    color=colors[m], label=f"{name} at each angle, {args.extrap_shots} shots")
     for name, m in (("pretrain, 0 shots", METHODS[1]), ("MAML, 0 shots", METHODS[2])):
         ax.plot(magnitudes, [extrap[name, a][0] for a in magnitudes], ls="--", lw=1, color=colors[m], label=name)
     ax.axhline(1 / world.num_classes, color="k", lw=0.6, ls=":")
