@@ -93,7 +93,7 @@ class Config:
     shots: tuple
     ways: int = 5
     query: int = 15
-    iterations: int = 300
+    iterations: int = 150
     meta_batch: int = 8
     filters: int = 32
     inner_steps: int = 3
@@ -104,6 +104,7 @@ class Config:
     outer_lr: float = 2e-3
     head_bn: str = "episode"
     test_episodes: int = 600
+    train_class_episodes: int = 0
     eval_batch: int = 50
     seed: int = 0
     out: str = DEFAULT_OUT
@@ -240,10 +241,15 @@ def meta_train(learner, pool, cfg: Config, shot: int, seed: int, desc: str) -> t
     return elapsed, losses
 
 
-def meta_test_episodes(pool, cfg: Config, shot: int) -> list:
-    """The meta-test episodes of a run, in batches of ``cfg.eval_batch`` (the same for every method)."""
-    gen = torch.Generator().manual_seed(10_000 + 100 * cfg.seed + shot)
-    episodes, left = [], cfg.test_episodes
+def meta_test_episodes(pool, cfg: Config, shot: int, num_episodes: int | None = None) -> list:
+    """The meta-test episodes of a run, in batches of ``cfg.eval_batch`` (the same for every method).
+
+    ``num_episodes`` defaults to ``cfg.test_episodes``; the seed depends on the pool's split, so
+    episodes of the meta-train classes (the ``--train-class-episodes`` check) are drawn independently.
+    """
+    offset = 10_000 if pool.split == "test" else 20_000
+    gen = torch.Generator().manual_seed(offset + 100 * cfg.seed + shot)
+    episodes, left = [], cfg.test_episodes if num_episodes is None else num_episodes
     while left > 0:
         b = min(cfg.eval_batch, left)
         episodes.append(_episodes(pool, cfg, shot, b, gen))
@@ -275,6 +281,7 @@ def run(cfg: Config) -> list[dict]:
     rows = []
     for shot in cfg.shots:
         episodes = meta_test_episodes(test_pool, cfg, shot)
+        seen = meta_test_episodes(train_pool, cfg, shot, cfg.train_class_episodes) if cfg.train_class_episodes else None
         for method in cfg.methods:
             torch.manual_seed(cfg.seed)
             learner = make_learner(method, cfg)
@@ -287,6 +294,8 @@ def run(cfg: Config) -> list[dict]:
             rows.append(dict(method=method, shot=shot, acc=mean, ci95=ci, train_s=seconds, test_s=test_seconds,
                              first_loss=sum(losses[:10]) / max(1, len(losses[:10])),
                              last_loss=sum(losses[-10:]) / max(1, len(losses[-10:]))))
+            if seen is not None:
+                rows[-1]["train_class_acc"], rows[-1]["train_class_ci95"] = mean_ci95(meta_test(learner, seen))
     return rows
 
 
@@ -294,12 +303,17 @@ def format_table(rows: list[dict], cfg: Config) -> str:
     """method x shot accuracy (mean +- 95% CI, %) and meta-training seconds."""
     shots = list(cfg.shots)
     by = {(r["method"], r["shot"]): r for r in rows}
+    seen = cfg.train_class_episodes > 0
     head = ["method"] + [f"{cfg.ways}-way {s}-shot acc %" for s in shots] + [f"train s ({s}-shot)" for s in shots]
+    head += [f"train-class {s}-shot %" for s in shots] if seen else []
     lines = [head]
     for m in cfg.methods:
         cells = [LABELS[m]]
         cells += [f"{100 * by[m, s]['acc']:.1f} +- {100 * by[m, s]['ci95']:.1f}" for s in shots]
         cells += [f"{by[m, s]['train_s']:.1f}" for s in shots]
+        if seen:
+            cells += [f"{100 * by[m, s]['train_class_acc']:.1f} +- {100 * by[m, s]['train_class_ci95']:.1f}"
+                      for s in shots]
         lines.append(cells)
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
@@ -390,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch norm of the R2-D2 / SVM / ProtoNet embeddings: per-episode statistics (like the "
                         "gradient methods) or running averages at meta-test time")
     p.add_argument("--test-episodes", type=_positive_int("--test-episodes"), default=Config.test_episodes)
+    p.add_argument("--train-class-episodes", type=int, default=0,
+                   help="also evaluate on this many episodes of the meta-train classes (how well each method "
+                        "fits the classes it was meta-trained on, next to how it generalizes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_positive_int("--threads"), default=1, help="torch threads")
     p.add_argument("--out", default=None, help=f"folder for the figure (default {DEFAULT_OUT}; smoke: required)")
@@ -410,15 +427,18 @@ def config_from_args(argv=None) -> Config:
         smoke = dict(ways=args.ways, query=5, iterations=30, meta_batch=4, filters=8, test_episodes=40, eval_batch=20)
         cfg = Config(methods=tuple(dict.fromkeys(args.methods)), shots=tuple(dict.fromkeys(args.shots)),
                      inner_steps=1, test_inner_steps=3, reptile_steps=3, outer_lr=5e-3, head_bn=args.head_bn,
-                     seed=args.seed,
+                     train_class_episodes=min(args.train_class_episodes, 20), seed=args.seed,
                      out=args.out, threads=args.threads, progress=not args.no_progress, **smoke)
     else:
         cfg = Config(methods=tuple(dict.fromkeys(args.methods)), shots=tuple(dict.fromkeys(args.shots)),
                      ways=args.ways, query=args.query, iterations=args.iterations, meta_batch=args.meta_batch,
                      filters=args.filters, inner_steps=args.inner_steps, test_inner_steps=args.test_inner_steps,
                      inner_lr=args.inner_lr, reptile_steps=args.reptile_steps, reptile_lr=args.reptile_lr,
-                     outer_lr=args.outer_lr, head_bn=args.head_bn, test_episodes=args.test_episodes, seed=args.seed,
+                     outer_lr=args.outer_lr, head_bn=args.head_bn, test_episodes=args.test_episodes,
+                     train_class_episodes=args.train_class_episodes, seed=args.seed,
                      out=args.out or DEFAULT_OUT, threads=args.threads, progress=not args.no_progress)
+    if cfg.train_class_episodes < 0:
+        parser.error(f"--train-class-episodes must be >= 0, got {cfg.train_class_episodes}")
     if cfg.ways < 2:
         parser.error(f"--ways must be >= 2, got {cfg.ways}")
     for split in ("train", "test"):

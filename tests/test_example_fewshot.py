@@ -89,6 +89,7 @@ def test_episode_bad_input(pools):
     (["--inner-lr", "-1"], "--inner-lr must be finite and > 0"),
     (["--methods", "matching"], "invalid choice"),
     (["--smoke"], "--smoke needs --out"),
+    (["--train-class-episodes", "-1"], "--train-class-episodes must be >= 0"),
 ])
 def test_cli_bad_input(argv, message, capsys):
     with pytest.raises(SystemExit) as err:
@@ -99,18 +100,19 @@ def test_cli_bad_input(argv, message, capsys):
 
 def test_smoke_run_every_method(tmp_path, capsys):
     torch.set_num_threads(1)
-    rows = fs.main(["--smoke", "--shots", "5", "--out", str(tmp_path), "--no-progress"])
+    rows = fs.main(["--smoke", "--shots", "5", "--train-class-episodes", "20", "--out", str(tmp_path), "--no-progress"])
     out = capsys.readouterr().out
     assert [r["method"] for r in rows] == list(fs.METHODS)
     for r in rows:
         assert 0.0 <= r["acc"] <= 1.0 and math.isfinite(r["acc"]), r
         assert math.isfinite(r["ci95"]) and 0.0 <= r["ci95"] < 0.5, r
         assert r["train_s"] > 0 and math.isfinite(r["last_loss"]), r
+        assert 0.0 <= r["train_class_acc"] <= 1.0, r
         assert fs.LABELS[r["method"]] in out
     # The figure went to --out (not to docs/figures) and is a PNG.
     with open(tmp_path / "fewshot_digits.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert "5-way 5-shot acc %" in out
+    assert "5-way 5-shot acc %" in out and "train-class 5-shot %" in out
 
     # 5-way 5-shot on unseen digits: the best method is far above chance (20%) ...
     best = max(rows, key=lambda r: r["acc"])
