@@ -62,7 +62,8 @@ BANDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B1
 CLASSES = ("water", "forest", "grassland", "cropland", "urban", "barren")
 TRAIN_SHOTS = (1, 2, 5)  # meta-training cycles through these shots per class
 METHODS = ("random init", "pretrain + fine-tune", "MAML + adapt")
-DEFAULT_FIGURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "docs", "figures")
+DEFAULT_FIGURES = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "docs",
+                                                "figures"))
 
 
 # -- argument checks --------------------------------------------------------------------------------
@@ -554,13 +555,13 @@ def _print_tables(args, shot_results, picks, extrap, extrap_picks, magnitudes, p
     print(f"{'angle':>5}  " + "  ".join(f"{short.get(c, c):>18}" for c in cols))
     for mag in magnitudes:
         mark = "*" if mag > args.train_angle else " "
-        print(f"{mag:>4.0f}{mark}  " + "  ".join(f"{_fmt(extrap[c, mag]):>18}" for c in cols))
+        print(f"{mag:>5.1f}{mark} " + "  ".join(f"{_fmt(extrap[c, mag]):>18}" for c in cols))
     print("(* outside the meta-training range)")
     if extrap_picks:
         print("\nre-tuned settings per angle (SGD steps, step size, validation accuracy)")
         print(f"{'angle':>5}  " + "  ".join(f"{m:>22}" for m in METHODS[1:]))
         for mag in magnitudes:
-            print(f"{mag:>5.0f}  " + "  ".join(f"{'%d, %g, %.3f' % extrap_picks[m, mag]:>22}" for m in METHODS[1:]))
+            print(f"{mag:>5.1f}  " + "  ".join(f"{'%d, %g, %.3f' % extrap_picks[m, mag]:>22}" for m in METHODS[1:]))
 
 
 def _plot(args, out, world, shot_results, extrap, magnitudes) -> list[str]:
@@ -589,7 +590,7 @@ def _plot(args, out, world, shot_results, extrap, magnitudes) -> list[str]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7.0, 4.4))
+    fig, ax = plt.subplots(figsize=(9.6, 4.2))
     ax.axvspan(0, args.train_angle, color="tab:green", alpha=0.12, label="meta-training range")
     for m in METHODS:
         mean = [extrap[m, a][0] for a in magnitudes]
@@ -606,7 +607,7 @@ def _plot(args, out, world, shot_results, extrap, magnitudes) -> list[str]:
     ax.set_xlabel("|shift angle| of the test region (degrees)")
     ax.set_ylabel("accuracy (mean, 95% CI)")
     ax.set_title("extrapolation beyond the meta-training regions")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     paths.append(os.path.join(out, "region_shift_extrapolation.png"))

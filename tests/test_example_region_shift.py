@@ -37,6 +37,9 @@ def test_smoke_accuracies_are_probabilities(example, smoke):
     res, _ = smoke
     values = list(res["shots"].values()) + list(res["extrapolation"].values())
     assert set(res["shots"]) == {(m, k) for m in example.METHODS for k in (0, 1, 2, 5)}
+    for mag in res["magnitudes"]:
+        for name in ("pretrain, re-tuned", "MAML, re-tuned", "pretrain, 0 shots", "MAML, 0 shots"):
+            assert (name, mag) in res["extrapolation"]
     for mean, ci in values:
         assert math.isfinite(mean) and 0.0 <= mean <= 1.0
         assert math.isfinite(ci) and ci >= 0.0
