@@ -39,7 +39,7 @@ from .. import _validation as V
 from ..inner_update import fd_perturb
 from ..ops.multi_tensor import task_axpby, task_dot
 from .functional import TaskModel
-from .stacked import adapts_conv_weights, stacked_task_losses, supports_stacking
+from .stacked import stacked_task_losses, supports_stacking
 
 HVP_MODES = ("forward_over_reverse", "reverse_over_reverse", "fd_forward", "fd_central")
 _ALIASES = {"fwdrev": "forward_over_reverse", "revrev": "reverse_over_reverse",
@@ -88,19 +88,19 @@ def choose_batching(batching: str, task_loss, params, fixed, task_args, shared: 
     the stacked mode can run (checked once per model, see ``fastmaml.meta.stacked``)."""
     if batching not in BATCHINGS:
         raise ValueError(f"batching must be one of {BATCHINGS}, got {batching!r}")
-    if batching in ("auto", "stacked"):
+    if batching == "stacked":
+        # Never chosen by "auto": on the CPU it measured slower than vmap and the loop (see
+        # fastmaml.meta.stacked); offered for devices where one batched matmul / grouped conv wins.
         task_model = getattr(task_loss, "__self__", None)
         usable = (isinstance(task_model, TaskModel) and getattr(task_loss, "__func__", None) is TaskModel.task_loss
                   and len(task_args) == 2
-                  and (batching == "stacked" or not adapts_conv_weights(task_model))
                   and supports_stacking(task_model, params, fixed, *task_args, shared))
-        if usable:
-            return "stacked"
-        if batching == "stacked":
+        if not usable:
             raise ValueError(
                 "batching='stacked' needs a TaskModel built from Linear / Conv2d / BatchNorm layers and per-sample "
                 "ops, called with (x, y) task data; this model or call is not supported: use 'auto', 'vmap' or "
                 "'loop'")
+        return "stacked"
     return resolve_batching(batching, task_args)
 
 
