@@ -125,3 +125,10 @@ def test_cavia_model_gets_context():
     loss = maml_loss(net, mse_loss, sup, qry, num_steps=2, lr=0.1, adapt="context")
     loss.backward()
     assert all(p.grad is not None for p in net.parameters())
+
+
+def test_conv4_rejects_images_too_small_for_four_pools():
+    from fastmaml.meta.models import Conv4
+
+    with pytest.raises(ValueError, match="image_size must be an int >= 16"):
+        Conv4(1, 8, 5, 8)

@@ -57,6 +57,8 @@ class Conv4(nn.Module):
 
     def __init__(self, in_channels: int = 1, filters: int = 64, n_way: int = 5, image_size: int = 28):
         super().__init__()
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 16:
+            raise ValueError(f"image_size must be an int >= 16 (four 2x2 max-pools), got {image_size!r}")
         blocks, c, side = [], in_channels, image_size
         for _ in range(4):
             blocks += [nn.Conv2d(c, filters, 3, padding=1), nn.BatchNorm2d(filters), nn.ReLU(), nn.MaxPool2d(2)]
