@@ -30,7 +30,9 @@ The number of SGD steps and the step size of each method are picked per shot cou
 validation regions from a small grid (the picks are printed). Accuracies are means over test
 regions (one task per region) with a 95% confidence interval (1.96 standard errors). The second
 experiment fixes the shots (5) and moves the test regions' shift angle progressively outside the
-meta-training range.
+meta-training range: every method first keeps the settings picked in range, then pretrain and MAML
+are re-tuned on validation regions of each angle (a diagnostic: it needs labelled shifted regions).
+Results and discussion: ``docs/example_region_shift.md``.
 
 Run (about 5 minutes on 2 busy CPU cores)::
 
@@ -216,6 +218,7 @@ def split_tasks(x: Tensor, y: Tensor, shots: int, query: int):
 
 # -- models and training ----------------------------------------------------------------------------
 def make_net(seed: int, num_bands: int, num_classes: int, hidden: int) -> torch.nn.Module:
+    """The MLP ``num_bands -> hidden -> hidden -> num_classes`` (ReLU), initialized from ``seed``."""
     torch.manual_seed(seed)
     return MLP(num_bands, (hidden, hidden), num_classes)
 
@@ -233,7 +236,17 @@ class Normalizer:
 
 def pretrain(net: torch.nn.Module, x: Tensor, y: Tensor, *, steps: int, batch: int, lr: float,
              generator: torch.Generator, progress: bool) -> dict:
-    """Plain supervised training on all meta-training regions pooled (Adam, cross-entropy)."""
+    """Plain supervised training on all meta-training regions pooled (Adam, cross-entropy).
+
+    Args:
+        net: the network, trained in place.
+        x: ``[R, C, P, D]`` standardized pixels of the meta-training regions; y: ``[R, C, P]``.
+        steps: Adam steps; batch: pixels per step (drawn from all regions); lr: Adam's step size.
+        generator: the random stream; progress: show a tqdm bar.
+
+    Returns:
+        ``{"loss": per-step losses, "wall_s": seconds}``.
+    """
     xs, ys = x.reshape(-1, x.shape[-1]), y.reshape(-1)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     start, losses = time.perf_counter(), []
@@ -254,6 +267,17 @@ def meta_train(net: torch.nn.Module, x: Tensor, y: Tensor, *, steps: int, meta_b
 
     Every meta-batch draws ``meta_batch`` regions of the pool and, cycling through ``shots``,
     ``k`` support and ``query`` query pixels per class from each region's pool (disjoint).
+
+    Args:
+        net: the network (theta), trained in place.
+        x: ``[R, C, P, D]`` standardized pixels of the meta-training regions; y: ``[R, C, P]``.
+        steps: meta-updates (Adam steps); meta_batch: regions per meta-update.
+        shots: support sizes per class to cycle through; query: query pixels per class.
+        inner_steps, inner_lr: MAML's inner loop (K SGD steps of a fixed size).
+        lr: Adam's step size; generator: the random stream; progress: show a tqdm bar.
+
+    Returns:
+        ``{"loss": per-step mean query losses, "wall_s": seconds}``.
     """
     maml = MAML(net, F.cross_entropy, num_steps=inner_steps, lr=inner_lr, batching="vmap")
     opt = torch.optim.Adam(maml.parameters(), lr=lr)
@@ -279,7 +303,13 @@ def meta_train(net: torch.nn.Module, x: Tensor, y: Tensor, *, steps: int, meta_b
 
 # -- evaluation -------------------------------------------------------------------------------------
 def initial_weights(nets: Sequence[torch.nn.Module], num_tasks: int) -> tuple[TaskModel, list[Tensor]]:
-    """Per-task starting weights ``[T, ...]``: one network for every task, or one network per task."""
+    """Per-task starting weights ``[T, ...]``: one network for every task, or one network per task.
+
+    Returns:
+        ``(TaskModel of nets[0], [T, ...] per parameter)``.
+    """
+    if not nets:
+        raise ValueError("nets must hold 1 or T networks, got none")
     tm = TaskModel(nets[0], F.cross_entropy)
     if len(nets) == 1:
         return tm, tm.initial_adapted(tm.theta_adapted(), num_tasks)
