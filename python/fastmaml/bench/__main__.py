@@ -59,9 +59,11 @@ def main(argv=None) -> int:
         rows = module.main(forwarded) or []
         results[family] = rows
         bad = [r for r in rows if r.get("check") == "FAILED"]
-        failures += len(bad)
+        ours = [r for r in bad if str(r.get("provider", "")).startswith("fastmaml")]
+        failures += len(ours)
         print(f"[{i}/{len(families)}] {family} done in {time.perf_counter() - start:.0f} s"
-              + (f", {len(bad)} rows FAILED their accuracy check" if bad else ""), flush=True)
+              + (f", {len(bad)} rows FAILED their accuracy check ({len(ours)} of them fastmaml's)" if bad else ""),
+              flush=True)
     lines = summarize(results)
     print("\nSummary (speed-up = fastest baseline's time / fastmaml's, same run; "
           "no speed-up is given for a line that failed its accuracy check)")
@@ -74,6 +76,8 @@ def main(argv=None) -> int:
                              "--run-id", run_id])
         if written:
             print(f"figures: {', '.join(str(p) for p in written)}")
+    # A baseline that fails its check (e.g. torch.func.vmap through batch norm) is marked in the
+    # tables; only a fastmaml row that fails makes the run fail.
     return 1 if failures else 0
 
 

@@ -51,7 +51,10 @@ from ._common import add_level_options, append_csv, environment, have_module, pr
 # float32 meta-gradients of BN conv nets differ from float64 by 1e-6 to 5e-3 for every correct
 # implementation (the per-task autograd loop included); below this floor a difference is rounding.
 ERR_FLOOR = 1e-3
-PROVIDERS = ("loop_autograd", "func_vmap", "higher", "learn2learn", "fastmaml_exact", "fastmaml_fd64", "fastmaml_fd32")
+# fastmaml_fd32 (forward differences in float32) is not run by default: on these ReLU / max-pool
+# nets its error is 7e-2 to 1e3 relative (docs/meta.md); ask for it with --providers.
+PROVIDERS = ("loop_autograd", "func_vmap", "higher", "learn2learn", "fastmaml_exact", "fastmaml_fd64")
+OPTIONAL_PROVIDERS = ("fastmaml_fd32", "fastmaml_revrev")
 BASELINES = ("loop_autograd", "func_vmap", "higher", "learn2learn")
 PEERS = {"higher": "higher", "learn2learn": "learn2learn"}  # provider -> module it needs
 
@@ -388,7 +391,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: the 2 cores here are shared, see docs/meta.md)")
     parser.add_argument("--no-memory", action="store_true", help="skip the subprocess peak-memory runs")
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS + ("fastmaml_revrev",), default=None)
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS + OPTIONAL_PROVIDERS, default=None)
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
