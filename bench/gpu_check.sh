@@ -19,10 +19,10 @@ echo "== build (CUDA) =="
 "$PY" -m fastmaml.info 2>&1 | tee -a "$OUT_DIR/gpu_build.log"
 
 echo "== tests =="
-timeout 300 "$PY" -m pytest -q -x tests -p no:cacheprovider 2>&1 | tail -n 60 | tee "$OUT_DIR/gpu_tests.log"
+timeout 240 "$PY" -m pytest -q -x tests -p no:cacheprovider 2>&1 | tail -n 60 | tee "$OUT_DIR/gpu_tests.log"
 
 echo "== benchmarks =="
-timeout 240 "$PY" -m fastmaml.bench --device cuda --quick 2>&1 | tee "$OUT_DIR/gpu_bench.log"
+timeout 300 "$PY" -m fastmaml.bench --device cuda --quick 2>&1 | tee "$OUT_DIR/gpu_bench.log"
 cp bench/results/*.csv "$OUT_DIR/" 2>/dev/null || true
 mkdir -p "$OUT_DIR/figures" && cp bench/results/figures/*.png "$OUT_DIR/figures/" 2>/dev/null || true
 echo "gpu check done"

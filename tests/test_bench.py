@@ -89,12 +89,21 @@ def test_missing_peers_are_reported_as_skipped_not_timed(monkeypatch):
     assert line["check"].startswith("skipped") and math.isnan(line["speedup"])
 
 
-def test_a_family_skipped_on_a_device_gives_one_skipped_line():
-    rows = bench_heads.main(["--device", "cuda"]) if not torch.cuda.is_available() else None
-    if rows is None:
-        pytest.skip("a CUDA device is present")
-    (line,) = summarize({"heads": rows})
-    assert line["check"] == "skipped"
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_every_family_refuses_cuda_without_a_device(capsys):
+    from fastmaml.bench import meta as bench_meta
+
+    for family in (bench_inner, bench_meta, bench_heads):
+        with pytest.raises(SystemExit):
+            family.main(["--device", "cuda"])
+        assert "no CUDA device is available" in capsys.readouterr().err
+
+
+def test_on_a_gpu_cpu_only_peers_are_reported_skipped(monkeypatch):
+    monkeypatch.setattr(bench_heads, "have_module", lambda name: True)
+    rows = bench_heads.skipped_peer_rows({}, "cuda", family="svm_qp", tasks=8)
+    assert [(r["provider"], r["check"]) for r in rows] == [("cvxpylayers", "skipped")]
+    assert "CPU only" in rows[0]["note"]
 
 
 def test_plot_writes_figures_from_the_latest_run(tmp_path):

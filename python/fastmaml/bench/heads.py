@@ -37,7 +37,7 @@ from ..heads.qp import qp_solve
 from ..heads.ridge import gram_pair, ridge_predict
 from ..heads.svm import svm_crammer_singer_solve, svm_logits
 from ..reference.heads import crammer_singer_qp_reference
-from ._common import add_level_options, append_csv, environment, have_module, print_table, progress, time_call
+from ._common import add_level_options, append_csv, environment, have_module, print_table, progress, sync, time_call
 
 COLUMNS = ["date", "run_id", "commit", "device", "torch", "fastmaml", "python", "threads", "level", "family", "mode", "tasks", "n_way", "shot", "queries",
            "features", "dtype", "provider", "median_ms", "p25_ms", "p75_ms", "n", "extra_mem_mb", "beyond_grads_mb",
@@ -49,20 +49,23 @@ ACCURACY_BOUND = 1e-4
 PEERS = {"qpth": "qpth", "cvxpylayers": "cvxpylayers"}
 
 
-def time_interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
+def time_interleaved(fns: dict, repeats: int, warmup: int = 1, device="cpu") -> dict:
     """Median and quartiles (ms) of each closure, the providers' repeats interleaved round-robin.
 
     On a shared machine the load drifts during a run; interleaving exposes every provider to the
     same drift, so the ratios stay meaningful even when the absolute times move.
     """
+    device = torch.device(device)
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    sync(device)
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
             t0 = time.perf_counter()
             fn()
+            sync(device)
             times[k].append((time.perf_counter() - t0) * 1e3)
     out = {}
     for k, ts in times.items():
@@ -82,7 +85,7 @@ def _row(env, **kw):
 # ----------------------------------------------------------------------------------------------
 # Episodes
 # ----------------------------------------------------------------------------------------------
-def episode(T, n_way, shot, queries, d, seed=0, dtype=torch.float32):
+def episode(T, n_way, shot, queries, d, seed=0, dtype=torch.float32, device="cpu"):
     """Features like a ResNet-12 / conv embedding's (non-negative, unit-ish scale), labels sorted."""
     g = torch.Generator().manual_seed(seed)
     X = torch.empty(T, n_way * shot, d, dtype=dtype).exponential_(generator=g)
@@ -91,7 +94,7 @@ def episode(T, n_way, shot, queries, d, seed=0, dtype=torch.float32):
     means = torch.randn(T, n_way, d, generator=g, dtype=dtype)
     labels = torch.arange(n_way).repeat_interleave(shot).repeat(T, 1)
     X += 0.5 * means.gather(1, labels[..., None].expand(T, n_way * shot, d))
-    return X, labels, Xq
+    return X.to(device), labels.to(device), Xq.to(device)  # made on the CPU: the same data everywhere
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,12 +105,12 @@ def _ridge_provider(name, X, Y, Xq, lam):
         return lambda: ridge_predict(X, Y, Xq, lam)
     if name == "linalg_solve":
         def f():
-            K = X @ X.mT + lam * torch.eye(X.shape[1], dtype=X.dtype)
+            K = X @ X.mT + lam * torch.eye(X.shape[1], dtype=X.dtype, device=X.device)
             return Xq @ (X.mT @ torch.linalg.solve(K, Y))
         return f
     if name == "cholesky_solve":
         def f():
-            K = X @ X.mT + lam * torch.eye(X.shape[1], dtype=X.dtype)
+            K = X @ X.mT + lam * torch.eye(X.shape[1], dtype=X.dtype, device=X.device)
             return Xq @ (X.mT @ torch.cholesky_solve(Y, torch.linalg.cholesky(K)))
         return f
     raise ValueError(name)
@@ -174,21 +177,43 @@ def _ridge_memory(name, T, n_way, shot, queries, d):
     return res["extra_mb"], res["extra_mb"] - res["grads_mb"], note
 
 
-def bench_ridge(env, configs, repeats, memory=True):
+def _ridge_memory_cuda(name, X, Y, Xq):
+    """Peak of the CUDA caching allocator during one forward+backward, beyond what was allocated."""
+    run = _ridge_fwd_bwd(name, X, Y, Xq, 1.0)
+    run()  # G and the workspace exist after one call, as they do for the timed calls
+    torch.cuda.synchronize(X.device)
+    X.grad = Xq.grad = None
+    torch.cuda.reset_peak_memory_stats(X.device)
+    before = torch.cuda.memory_allocated(X.device)
+    run()
+    torch.cuda.synchronize(X.device)
+    extra = (torch.cuda.max_memory_allocated(X.device) - before) / 2**20
+    grads = (X.numel() + Xq.numel()) * X.element_size() / 2**20
+    return extra, extra - grads, "CUDA allocator peak"
+
+
+def bench_ridge(env, configs, repeats, memory=True, device="cpu"):
     rows = []
+    cuda = torch.device(device).type == "cuda"
     for T, n_way, shot, queries, d in progress(configs, "ridge"):
-        X, labels, Xq = episode(T, n_way, shot, queries, d)
+        X, labels, Xq = episode(T, n_way, shot, queries, d, device=device)
         Y = torch.nn.functional.one_hot(labels, n_way).float()
         X.requires_grad_()
         Xq.requires_grad_()
         ref = _ridge_provider("linalg_solve", X.double(), Y.double(), Xq.double(), 1.0)().detach()
         group = []
-        timings = time_interleaved({name: _ridge_fwd_bwd(name, X, Y, Xq, 1.0) for name in RIDGE_PROVIDERS}, repeats)
+        timings = time_interleaved({name: _ridge_fwd_bwd(name, X, Y, Xq, 1.0) for name in RIDGE_PROVIDERS}, repeats,
+                                   device=device)
         for name in RIDGE_PROVIDERS:
             with torch.no_grad():
                 err = float((_ridge_provider(name, X, Y, Xq, 1.0)().double() - ref).abs().max() / ref.abs().max())
             t = timings[name]
-            mem, beyond, note = _ridge_memory(name, T, n_way, shot, queries, d) if memory else (float("nan"),) * 2 + ("",)
+            if not memory:
+                mem, beyond, note = float("nan"), float("nan"), ""
+            elif cuda:
+                mem, beyond, note = _ridge_memory_cuda(name, X, Y, Xq)
+            else:
+                mem, beyond, note = _ridge_memory(name, T, n_way, shot, queries, d)
             group.append(_row(env, family="ridge", mode="fwd+bwd", tasks=T, n_way=n_way, shot=shot, queries=queries,
                               features=d, dtype="float32", provider=name, extra_mem_mb=mem, beyond_grads_mb=beyond, rel_err=err,
                               note=note, **t))
@@ -208,10 +233,14 @@ def bench_ridge(env, configs, repeats, memory=True):
 # ----------------------------------------------------------------------------------------------
 # SVM: the QP alone and end to end
 # ----------------------------------------------------------------------------------------------
-def skipped_peer_rows(env, **where) -> list[dict]:
-    """One 'skipped' row per optional peer that is not installed (never timed, never faked)."""
-    return [_row(env, provider=peer, check="skipped", note=f"skipped: {module} not installed", **where)
+def skipped_peer_rows(env, device="cpu", **where) -> list[dict]:
+    """One 'skipped' row per optional peer that is not installed or cannot run on the device."""
+    rows = [_row(env, provider=peer, check="skipped", note=f"skipped: {module} not installed", **where)
             for peer, module in PEERS.items() if not have_module(module)]
+    if torch.device(device).type != "cpu" and have_module("cvxpylayers"):
+        rows.append(_row(env, provider="cvxpylayers", check="skipped", note="skipped: cvxpylayers runs on the CPU only",
+                         **where))
+    return rows
 
 
 def _oracle_alpha(K64, labels, n_way, C):
@@ -219,7 +248,8 @@ def _oracle_alpha(K64, labels, n_way, C):
     from _heads_oracle import cvxpy_qp_batch  # tests/_heads_oracle.py in a checkout
 
     T, n = labels.shape
-    return cvxpy_qp_batch(*crammer_singer_qp_reference(K64, labels, n_way, C)).reshape(T, n, n_way)
+    problem = crammer_singer_qp_reference(K64.cpu(), labels.cpu(), n_way, C)
+    return cvxpy_qp_batch(*problem).reshape(T, n, n_way).to(K64.device)
 
 
 def _metaoptnet_qpth(K, labels, n_way, C, max_iter):
@@ -247,7 +277,7 @@ def _cvxpylayer(n, n_way, C):
     return CvxpyLayer(prob, parameters=[L, Y], variables=[a])
 
 
-def svm_qp_providers(n, n_way, C, qpth_iters):
+def svm_qp_providers(n, n_way, C, qpth_iters, device="cpu"):
     prov = {
         "fastmaml": lambda K, lab: svm_crammer_singer_solve(K, lab, n_way, C=C).z,
         "fastmaml_generic": lambda K, lab: qp_solve(*crammer_singer_qp_reference(K, lab, n_way, C), check_convex=False)
@@ -256,7 +286,7 @@ def svm_qp_providers(n, n_way, C, qpth_iters):
     if have_module("qpth"):
         for it in qpth_iters:
             prov[f"qpth_maxIter{it}"] = (lambda it: lambda K, lab: _metaoptnet_qpth(K, lab, n_way, C, it))(it)
-    if have_module("cvxpylayers"):
+    if have_module("cvxpylayers") and torch.device(device).type == "cpu":
         layer = _cvxpylayer(n, n_way, C)
         eye = torch.eye(n)
 
@@ -281,16 +311,16 @@ def _cvxpy_per_episode(K, labels, n_way, C):
     return torch.stack(out).reshape(labels.shape[0], labels.shape[1], n_way)
 
 
-def bench_svm_qp(env, configs, repeats, qpth_iters, C=0.1):
+def bench_svm_qp(env, configs, repeats, qpth_iters, C=0.1, device="cpu"):
     rows = []
     for T, n_way, shot, d in progress(configs, "svm QP"):
-        X, labels, _ = episode(T, n_way, shot, 1, d, seed=1)
+        X, labels, _ = episode(T, n_way, shot, 1, d, seed=1, device=device)
         K = (X @ X.mT).contiguous()
         n = labels.shape[1]
         oracle = _oracle_alpha(K.double(), labels, n_way, C)
         scale = oracle.abs().amax()
         group, runs, errs = [], {}, {}
-        for name, fn in svm_qp_providers(n, n_way, C, qpth_iters).items():
+        for name, fn in svm_qp_providers(n, n_way, C, qpth_iters, device).items():
             Kg = K.clone().requires_grad_()
             try:
                 alpha = fn(Kg, labels)
@@ -305,22 +335,22 @@ def bench_svm_qp(env, configs, repeats, qpth_iters, C=0.1):
                 Kg.grad = None
                 (fn(Kg, labels) * w).sum().backward()
             runs[name] = run
-        timings = time_interleaved(runs, repeats)
+        timings = time_interleaved(runs, repeats, device=device)
         for name in runs:
             its = ""
             if name == "fastmaml":
                 its = "/".join(str(int(i)) for i in svm_crammer_singer_solve(K, labels, n_way, C=C).iterations.unique())
             group.append(_row(env, family="svm_qp", mode="fwd+bwd", tasks=T, n_way=n_way, shot=shot, features=d,
                               dtype="float32", provider=name, rel_err=errs[name], iterations=its, **timings[name]))
-        if T <= 8:
+        if T <= 8 and torch.device(device).type == "cpu":  # cvxpy solves on the CPU
             t = time_call(lambda: _cvxpy_per_episode(K, labels, n_way, C), torch.device("cpu"), repeats=max(2, repeats // 3),
                           warmup=1)
             err = float((_cvxpy_per_episode(K, labels, n_way, C) - oracle).abs().amax() / scale)
             group.append(_row(env, family="svm_qp", mode="fwd (solve only)", tasks=T, n_way=n_way, shot=shot, features=d,
                               dtype="float64", provider="cvxpy_per_episode", rel_err=err, note="OSQP eps 1e-10 polished", **t))
         _mark_svm_group(group)
-        rows += group + skipped_peer_rows(env, family="svm_qp", mode="fwd+bwd", tasks=T, n_way=n_way, shot=shot,
-                                          features=d)
+        rows += group + skipped_peer_rows(env, device, family="svm_qp", mode="fwd+bwd", tasks=T, n_way=n_way,
+                                          shot=shot, features=d)
     return rows
 
 
@@ -344,13 +374,13 @@ def _mark_svm_group(group):
             r["speedup"] = r["median_ms"] / fast["median_ms"]  # > 1: fastmaml is faster
 
 
-def bench_svm_e2e(env, configs, repeats, qpth_iters, C=0.1):
+def bench_svm_e2e(env, configs, repeats, qpth_iters, C=0.1, device="cpu"):
     rows = []
     for T, n_way, shot, queries, d in progress(configs, "svm end to end"):
-        X, labels, Xq = episode(T, n_way, shot, queries, d, seed=2)
+        X, labels, Xq = episode(T, n_way, shot, queries, d, seed=2, device=device)
         n = labels.shape[1]
         providers = {"fastmaml": lambda X, Xq: svm_logits(X, labels, Xq, n_way, C=C)[0]}
-        qp = svm_qp_providers(n, n_way, C, qpth_iters)
+        qp = svm_qp_providers(n, n_way, C, qpth_iters, device)
         for name, fn in qp.items():
             if name.startswith("qpth") or name == "cvxpylayers":
                 def e2e(X, Xq, fn=fn):  # MetaOptNet's head: Gram, QP, compatibility
@@ -374,7 +404,7 @@ def bench_svm_e2e(env, configs, repeats, qpth_iters, C=0.1):
             runs[name] = run
 
         alpha0 = svm_crammer_singer_solve(X @ X.mT, labels, n_way, C=C).z.detach()
-        w0 = torch.randn(T, queries, n_way)
+        w0 = torch.randn(T, queries, n_way, device=X.device)
 
         def gram_only():  # fastmaml's feature products alone (same route as svm_logits), no QP
             Xg.grad = Xqg.grad = None
@@ -385,7 +415,7 @@ def bench_svm_e2e(env, configs, repeats, qpth_iters, C=0.1):
                 out = (Xg @ Xg.mT).sum() + (Xqg @ (alpha0.mT @ Xg).mT * w0).sum()
             out.backward()
         runs["_gram"] = gram_only
-        timings = time_interleaved(runs, repeats)
+        timings = time_interleaved(runs, repeats, device=device)
         tg = timings.pop("_gram")
         for name, t in timings.items():
             note = ""
@@ -404,8 +434,8 @@ def bench_svm_e2e(env, configs, repeats, qpth_iters, C=0.1):
                 out = providers[r["provider"]](X, Xq)
             r["rel_err"] = float((out.double() - oracle_logits).abs().amax() / scale)
         _mark_svm_group(group)
-        rows += group + skipped_peer_rows(env, family="svm_e2e", mode="fwd+bwd", tasks=T, n_way=n_way, shot=shot,
-                                          queries=queries, features=d)
+        rows += group + skipped_peer_rows(env, device, family="svm_e2e", mode="fwd+bwd", tasks=T, n_way=n_way,
+                                          shot=shot, queries=queries, features=d)
     return rows
 
 
@@ -415,8 +445,7 @@ def bench_svm_e2e(env, configs, repeats, qpth_iters, C=0.1):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="fastmaml.bench heads", description=__doc__.split("\n\n")[0])
     add_level_options(ap)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                    help="cuda is not supported by this family yet: it reports itself skipped")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--families", default="ridge,svm_qp,svm_e2e", help="comma-separated subset")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--no-memory", action="store_true", help="skip the subprocess memory measurement")
@@ -433,11 +462,11 @@ def main(argv=None):
         ap.error(f"--threads must be >= 1, got {args.threads}")
     if args.repeats is not None and args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
-    if args.device != "cpu":
-        print(f"heads: skipped on {args.device} (this family runs on the CPU only for now)")
-        return [{"family": "heads", "provider": "all", "check": "skipped", "note": f"not implemented on {args.device}"}]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available on this machine")
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    env = environment(torch.device("cpu"))
+    env = environment(device)
     env["level"] = args.level
     if args.level == "quick":
         repeats = args.repeats or 3
@@ -459,11 +488,11 @@ def main(argv=None):
         qpth_iters = (3, 15)
     rows = []
     if "ridge" in families:
-        rows += bench_ridge(env, ridge_cfg, repeats, memory=not args.no_memory)
+        rows += bench_ridge(env, ridge_cfg, repeats, memory=not args.no_memory, device=device)
     if "svm_qp" in families:
-        rows += bench_svm_qp(env, qp_cfg, repeats, qpth_iters)
+        rows += bench_svm_qp(env, qp_cfg, repeats, qpth_iters, device=device)
     if "svm_e2e" in families:
-        rows += bench_svm_e2e(env, e2e_cfg, repeats, qpth_iters)
+        rows += bench_svm_e2e(env, e2e_cfg, repeats, qpth_iters, device=device)
     print(f"# {env['device']}, torch {env['torch']}, commit {env['commit']}")
     print_table(rows, [("family", "family", ""), ("mode", "mode", ""), ("tasks", "T", ""), ("shot", "shot", ""),
                        ("queries", "q", ""), ("features", "d", ""), ("provider", "provider", ""),

@@ -46,7 +46,7 @@ from ..meta.hvp import batched_grad, hvp
 from ..meta.inner_loop import normalize_step_sizes
 from ..meta.models import Conv4, mse_loss, sinusoid_mlp
 from ..reference.meta import maml_loss_reference
-from ._common import add_level_options, append_csv, environment, have_module, print_table, progress
+from ._common import add_level_options, append_csv, environment, have_module, print_table, progress, sync
 
 # float32 meta-gradients of BN conv nets differ from float64 by 1e-6 to 5e-3 for every correct
 # implementation (the per-task autograd loop included); below this floor a difference is rounding.
@@ -73,8 +73,17 @@ LEVELS = {
 # ---------------------------------------------------------------------------------------------
 # Workloads
 # ---------------------------------------------------------------------------------------------
-def make_workload(name: str, num_tasks: int, dtype=torch.float32, seed: int = 0):
-    """(model, loss_fn, support, query, lr) for workload A, B or C."""
+def make_workload(name: str, num_tasks: int, dtype=torch.float32, seed: int = 0, device="cpu"):
+    """(model, loss_fn, support, query, lr) for workload A, B or C (made on the CPU, then moved:
+    the same weights and data on every device)."""
+    net, loss_fn, support, query, lr = _make_workload_cpu(name, num_tasks, dtype, seed)
+    if torch.device(device).type != "cpu":
+        net = net.to(device)
+        support, query = tuple(t.to(device) for t in support), tuple(t.to(device) for t in query)
+    return net, loss_fn, support, query, lr
+
+
+def _make_workload_cpu(name: str, num_tasks: int, dtype, seed: int):
     torch.manual_seed(seed)
     if name in ("A", "B"):
         channels, filters, size = (1, 64, 28) if name == "A" else (3, 32, 84)
@@ -186,7 +195,7 @@ def _learn2learn_fn(net, loss_fn, support, query, num_steps, lr, params):
     return _per_task_meta_grad(net, loss_fn, support, query, params, task_query_loss)
 
 
-def time_wall_and_cpu(fn, repeats: int, warmup: int = 1) -> dict:
+def time_wall_and_cpu(fn, repeats: int, warmup: int = 1, device="cpu") -> dict:
     """Median and quartiles of wall time, and median process CPU time (all threads), in ms.
 
     On a shared machine the wall time includes waiting for the CPU; the CPU time does not (with one
@@ -195,12 +204,15 @@ def time_wall_and_cpu(fn, repeats: int, warmup: int = 1) -> dict:
     import statistics
     import time
 
+    device = torch.device(device)
     for _ in range(warmup):
         fn()
+    sync(device)
     wall, cpu = [], []
     for _ in range(repeats):
         w0, c0 = time.perf_counter(), time.process_time()
         fn()
+        sync(device)
         wall.append((time.perf_counter() - w0) * 1e3)
         cpu.append((time.process_time() - c0) * 1e3)
     q = statistics.quantiles(wall, n=4) if len(wall) >= 2 else [wall[0], wall[0], wall[0]]
@@ -228,8 +240,17 @@ def _status_kb(field: str) -> int:
 def _child(spec_json: str) -> None:
     spec = json.loads(spec_json)
     torch.set_num_threads(spec["threads"])
-    net, loss_fn, sup, qry, lr = make_workload(spec["workload"], spec["tasks"])
+    device = torch.device(spec.get("device", "cpu"))
+    net, loss_fn, sup, qry, lr = make_workload(spec["workload"], spec["tasks"], device=device)
     fn = provider_fn(spec["provider"], net, loss_fn, sup, qry, spec["steps"], lr)
+    if device.type == "cuda":  # the caching allocator's own peak: what the call allocated on the device
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        print(json.dumps({"extra_mb": (torch.cuda.max_memory_allocated(device) - before) / 2**20}))
+        return
     # getrusage's ru_maxrss survives execve on Linux (a child inherits the parent's peak), so the
     # peak is read from this process's own VmHWM, reset to the current RSS just before the call.
     try:
@@ -252,9 +273,10 @@ def _child(spec_json: str) -> None:
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
-def peak_extra_mb(workload: str, tasks: int, provider: str, steps: int, timeout: float = 900) -> float:
+def peak_extra_mb(workload: str, tasks: int, provider: str, steps: int, timeout: float = 900,
+                  device="cpu") -> float:
     spec = json.dumps({"workload": workload, "tasks": tasks, "provider": provider, "steps": steps,
-                       "threads": torch.get_num_threads()})
+                       "threads": torch.get_num_threads(), "device": str(device)})
     code = f"from fastmaml.bench.meta import _child; _child({spec!r})"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
                          env={**os.environ, "PYTHONWARNINGS": "ignore", **MALLOC_ENV})
@@ -271,13 +293,14 @@ def _skipped(providers) -> dict:
     return {p: f"skipped: {PEERS[p]} not installed" for p in providers if p in PEERS and not have_module(PEERS[p])}
 
 
-def run_meta(workload: str, tasks: int, steps_list, providers, repeats: int, memory_steps, env) -> list[dict]:
+def run_meta(workload: str, tasks: int, steps_list, providers, repeats: int, memory_steps, env,
+             device="cpu") -> list[dict]:
     rows = []
     skipped = _skipped(providers)
     active = [p for p in providers if p not in skipped]
     for steps in steps_list:
-        net, loss_fn, sup, qry, lr = make_workload(workload, tasks)
-        net64 = make_workload(workload, tasks)[0].double()
+        net, loss_fn, sup, qry, lr = make_workload(workload, tasks, device=device)
+        net64 = make_workload(workload, tasks, device=device)[0].double()
         net64.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in net.state_dict().items()})
         ref = provider_fn("loop_autograd", net64, loss_fn, _cast(sup, torch.float64), _cast(qry, torch.float64),
                           steps, lr)()
@@ -286,7 +309,7 @@ def run_meta(workload: str, tasks: int, steps_list, providers, repeats: int, mem
             fn = provider_fn(p, net, loss_fn, sup, qry, steps, lr)
             try:
                 errs[p] = rel_err(fn(), ref)
-                times[p] = time_wall_and_cpu(fn, repeats)
+                times[p] = time_wall_and_cpu(fn, repeats, device=device)
             except Exception as exc:  # a provider that cannot run this workload is reported, not hidden
                 errs[p], times[p] = float("nan"), {"median_ms": float("nan"), "p25_ms": float("nan"),
                                                    "p75_ms": float("nan"), "n": 0, "cpu_ms": float("nan"),
@@ -304,7 +327,7 @@ def run_meta(workload: str, tasks: int, steps_list, providers, repeats: int, mem
                 rows.append({**env, "workload": workload, "tasks": tasks, "steps": steps, "provider": p,
                              "check": "skipped", "note": skipped[p]})
                 continue
-            mem = peak_extra_mb(workload, tasks, p, steps) if steps in memory_steps else float("nan")
+            mem = peak_extra_mb(workload, tasks, p, steps, device=device) if steps in memory_steps else float("nan")
             rows.append({**env, "workload": workload, "tasks": tasks, "steps": steps, "provider": p,
                          **{k: v for k, v in times[p].items() if k != "error"}, "peak_extra_mb": mem,
                          "rel_err_vs_f64": errs[p], "err_bound": bound,
@@ -317,24 +340,25 @@ def run_meta(workload: str, tasks: int, steps_list, providers, repeats: int, mem
     return rows
 
 
-def memory_curve(workload: str, tasks: int, steps_list, providers, env) -> list[dict]:
+def memory_curve(workload: str, tasks: int, steps_list, providers, env, device="cpu") -> list[dict]:
     rows = []
     for steps in progress(steps_list, f"memory curve {workload}"):
         for p in providers:
             rows.append({**env, "workload": workload, "tasks": tasks, "steps": steps, "provider": p,
-                         "peak_extra_mb": peak_extra_mb(workload, tasks, p, steps), "kind": "memory_curve"})
+                         "peak_extra_mb": peak_extra_mb(workload, tasks, p, steps, device=device),
+                         "kind": "memory_curve"})
     return rows
 
 
-def run_hvp(tasks: int, repeats: int, env) -> list[dict]:
+def run_hvp(tasks: int, repeats: int, env, device="cpu") -> list[dict]:
     """HVPs of the conv4 (A) support loss at per-task points, as a multiple of one batched gradient."""
-    net, loss_fn, (xs, ys), _, _ = make_workload("A", tasks)
+    net, loss_fn, (xs, ys), _, _ = make_workload("A", tasks, device=device)
     tm = TaskModel(net, loss_fn)
     torch.manual_seed(1)
     phi = [p + 0.01 * torch.randn_like(p) for p in tm.initial_adapted(list(net.parameters()), tasks)]
     v = [torch.randn_like(p) for p in phi]
     _, g, _ = batched_grad(tm.task_loss, phi, [], xs, ys)
-    net64 = make_workload("A", tasks)[0].double()
+    net64 = make_workload("A", tasks, device=device)[0].double()
     net64.load_state_dict({k: v_.double() for k, v_ in net.state_dict().items() if v_.is_floating_point()},
                           strict=False)
     ref, _ = hvp(TaskModel(net64, loss_fn).task_loss, [p.double() for p in phi], [w.double() for w in v],
@@ -371,7 +395,7 @@ def run_hvp(tasks: int, repeats: int, env) -> list[dict]:
     rows = []
     for name, (fn, is_hvp) in progress(cases.items(), "hvp", total=len(cases)):
         err = rel_err(fn(), ref) if is_hvp else float("nan")
-        t = time_wall_and_cpu(fn, repeats)
+        t = time_wall_and_cpu(fn, repeats, device=device)
         rows.append({**env, "workload": "hvp", "tasks": tasks, "provider": name, **t, "rel_err_vs_f64": err})
     g_ms, g_cpu = rows[0]["median_ms"], rows[0]["cpu_ms"]
     for r in rows:
@@ -386,8 +410,7 @@ def main(argv=None) -> list[dict]:
     add_level_options(parser)
     parser.add_argument("--workload", choices=["A", "B", "C", "hvp", "all"], action="append",
                         help="repeatable; default: those of the level")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                        help="cuda is not supported by this family yet: it reports itself skipped")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: the 2 cores here are shared, see docs/meta.md)")
     parser.add_argument("--no-memory", action="store_true", help="skip the subprocess peak-memory runs")
@@ -395,16 +418,15 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
-    if args.device != "cpu":
-        print(f"meta: skipped on {args.device} (this family runs on the CPU only for now)")
-        return [{"family": "meta", "provider": "all", "check": "skipped",
-                 "note": f"not implemented on {args.device}"}]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available on this machine")
+    device = torch.device(args.device)
     level = LEVELS[args.level]
     workloads = args.workload or list(level["workloads"])
     if "all" in workloads:
         workloads = ["hvp", "C", "A", "B"]
     torch.set_num_threads(args.threads)
-    env = environment(torch.device("cpu"))
+    env = environment(device)
     env["threads"] = torch.get_num_threads()
     env["level"] = args.level
     providers = tuple(args.providers or PROVIDERS)
@@ -417,10 +439,10 @@ def main(argv=None) -> list[dict]:
                  ("speedup_vs_fastest_baseline", "speed-up", ".2f"),
                  ("cpu_speedup_vs_fastest_baseline", "cpu speed-up", ".2f"), ("note", "note", "s")]
     print(f"meta-gradient benchmark ({args.level}): {env['device']}, torch {env['torch']}, commit {env['commit']}, "
-          f"{env['threads']} threads, float32")
+          f"{env['threads']} threads, float32" + ("; peak memory = CUDA allocator peak" if device.type == "cuda" else ""))
     for wl in workloads:
         if wl == "hvp":
-            rows = run_hvp(8, level["hvp_repeats"], env)
+            rows = run_hvp(8, level["hvp_repeats"], env, device)
             print_table(rows, [("provider", "HVP of the conv4 support loss (T=8)", "s"),
                                ("median_ms", "median ms", ".1f"), ("p25_ms", "p25", ".1f"), ("p75_ms", "p75", ".1f"),
                                ("x_gradient", "x gradient", ".2f"), ("cpu_ms", "cpu ms", ".1f"),
@@ -428,17 +450,17 @@ def main(argv=None) -> list[dict]:
         elif wl == "C":
             rows = []
             for tasks in level["c_tasks"]:
-                rows += run_meta("C", tasks, (1,), providers, level["c_repeats"], (1,) if memory else (), env)
+                rows += run_meta("C", tasks, (1,), providers, level["c_repeats"], (1,) if memory else (), env, device)
             print_table(rows, meta_cols)
         else:
             tasks = 8 if wl == "A" else 4
             steps = level["a_steps"] if wl == "A" else (level["b_steps"] or (5,))
-            rows = run_meta(wl, tasks, steps, providers, level["repeats"], steps if memory else (), env)
+            rows = run_meta(wl, tasks, steps, providers, level["repeats"], steps if memory else (), env, device)
             print_table(rows, meta_cols)
             curve_steps = tuple(k for k in level["curve_steps"] if k not in steps) if wl == "A" or args.level == "full" else ()
             if memory and curve_steps:
                 mem_provs = ("loop_autograd", "func_vmap", "fastmaml_exact")
-                curve = memory_curve(wl, tasks, curve_steps, mem_provs, env)
+                curve = memory_curve(wl, tasks, curve_steps, mem_provs, env, device)
                 both = curve + [r for r in rows if r["provider"] in mem_provs]
                 table = {}
                 for r in both:
