@@ -5,6 +5,9 @@ import sys
 
 import pytest
 import torch
+pytest.importorskip("sklearn")  # optional here (e.g. a GPU machine without it): skipped, not failed
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 sys.path.insert(0, EXAMPLES)

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 import torch
+pytest.importorskip("matplotlib")  # optional here (e.g. a GPU machine without it): skipped, not failed
+pytest.importorskip("tqdm")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "region_shift.py")
