@@ -62,11 +62,16 @@ PEERS = {"higher": "higher", "learn2learn": "learn2learn"}  # provider -> module
 # (a few minutes on 2 cores), full every size of the issue (about 40 minutes on 2 cores).
 LEVELS = {
     "quick": dict(workloads=("hvp", "C", "A"), c_tasks=(1000,), a_steps=(1,), b_steps=(), memory=False,
-                  curve_steps=(), repeats=2, c_repeats=3, hvp_repeats=3),
+                  memory_workloads=(), memory_providers=None, curve_steps=(), repeats=2, c_repeats=3, hvp_repeats=3),
+    # standard: each peak-memory run is a fresh process (~4 s of start-up), so only the conv
+    # workloads and the providers the memory claims are about get one
     "standard": dict(workloads=("hvp", "C", "A", "B"), c_tasks=(25, 1000), a_steps=(1, 5), b_steps=(5,),
-                     memory=True, curve_steps=(2, 10), repeats=2, c_repeats=5, hvp_repeats=3),
+                     memory=True, memory_workloads=("A", "B"),
+                     memory_providers=("loop_autograd", "func_vmap", "higher", "fastmaml_exact"),
+                     curve_steps=(2, 10), repeats=2, c_repeats=5, hvp_repeats=3),
     "full": dict(workloads=("hvp", "C", "A", "B"), c_tasks=(25, 1000), a_steps=(1, 5, 10, 20), b_steps=(5, 20),
-                 memory=True, curve_steps=tuple(range(1, 21)), repeats=3, c_repeats=15, hvp_repeats=7),
+                 memory=True, memory_workloads=("A", "B", "C"), memory_providers=None,
+                 curve_steps=tuple(range(1, 21)), repeats=3, c_repeats=15, hvp_repeats=7),
 }
 
 
@@ -294,7 +299,7 @@ def _skipped(providers) -> dict:
 
 
 def run_meta(workload: str, tasks: int, steps_list, providers, repeats: int, memory_steps, env,
-             device="cpu") -> list[dict]:
+             device="cpu", memory_providers=None) -> list[dict]:
     rows = []
     skipped = _skipped(providers)
     active = [p for p in providers if p not in skipped]
@@ -327,7 +332,8 @@ def run_meta(workload: str, tasks: int, steps_list, providers, repeats: int, mem
                 rows.append({**env, "workload": workload, "tasks": tasks, "steps": steps, "provider": p,
                              "check": "skipped", "note": skipped[p]})
                 continue
-            mem = peak_extra_mb(workload, tasks, p, steps, device=device) if steps in memory_steps else float("nan")
+            measure = steps in memory_steps and (memory_providers is None or p in memory_providers)
+            mem = peak_extra_mb(workload, tasks, p, steps, device=device) if measure else float("nan")
             rows.append({**env, "workload": workload, "tasks": tasks, "steps": steps, "provider": p,
                          **{k: v for k, v in times[p].items() if k != "error"}, "peak_extra_mb": mem,
                          "rel_err_vs_f64": errs[p], "err_bound": bound,
@@ -450,12 +456,15 @@ def main(argv=None) -> list[dict]:
         elif wl == "C":
             rows = []
             for tasks in level["c_tasks"]:
-                rows += run_meta("C", tasks, (1,), providers, level["c_repeats"], (1,) if memory else (), env, device)
+                rows += run_meta("C", tasks, (1,), providers, level["c_repeats"],
+                                 (1,) if memory and "C" in level["memory_workloads"] else (), env, device,
+                                 level["memory_providers"])
             print_table(rows, meta_cols)
         else:
             tasks = 8 if wl == "A" else 4
             steps = level["a_steps"] if wl == "A" else (level["b_steps"] or (5,))
-            rows = run_meta(wl, tasks, steps, providers, level["repeats"], steps if memory else (), env, device)
+            rows = run_meta(wl, tasks, steps, providers, level["repeats"], steps if memory else (), env, device,
+                            level["memory_providers"])
             print_table(rows, meta_cols)
             curve_steps = tuple(k for k in level["curve_steps"] if k not in steps) if wl == "A" or args.level == "full" else ()
             if memory and curve_steps:
