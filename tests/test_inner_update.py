@@ -177,3 +177,15 @@ def test_step_after_inference_mode_still_differentiates():
     phi.sum().backward()
     torch.testing.assert_close(g.grad, torch.full_like(g, -0.123))
     torch.testing.assert_close(t.grad, torch.ones_like(t))
+
+
+def test_inplace_step_errors_name_the_callers_arguments():
+    params = [torch.randn(3, 4, requires_grad=True)]
+    grads = [torch.randn(3, 4)]
+    with pytest.raises(ValueError, match=r"params\[0\] requires grad"):
+        fastmaml.inner_sgd_step_(params, grads, 0.1)
+    with pytest.raises(ValueError, match=r"lr requires grad"):
+        fastmaml.inner_sgd_step_([torch.randn(3, 4)], grads, torch.tensor(0.1, requires_grad=True))
+    wide = torch.randn(3, 8)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"grads\[0\] overlaps params\[0\]"):
+        fastmaml.inner_sgd_step_([wide[1:]], [wide[:2]], 0.1)

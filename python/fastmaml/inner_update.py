@@ -91,7 +91,7 @@ def inner_sgd_step_(
         ...         inner_sgd_step_(phi, support_grads(phi), 0.01)
     """
     params, grads, scale = _prepare_step(params, grads, max_grad_norm, backend)
-    return _task_axpby_inplace_checked(params, grads, lr, None, scale, backend, check_finite, "lr")
+    return _task_axpby_inplace_checked(params, grads, lr, None, scale, backend, check_finite, "lr", "params", "grads")
 
 
 def _prepare_step(params, grads, max_grad_norm, backend):

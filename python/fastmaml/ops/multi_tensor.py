@@ -310,13 +310,19 @@ def task_dot(a: Sequence[Tensor], b: Sequence[Tensor], *, backend: str = "auto")
     return torch.ops.fastmaml.task_dot(a, b)
 
 
-def _check_inplace_allowed(x: Sequence[Tensor], others: dict) -> None:
-    """The in-place update must never overwrite what autograd needs, nor read what it writes."""
+def _check_inplace_allowed(x: Sequence[Tensor], others: dict, x_name: str = "x", listed=()) -> None:
+    """The in-place update must never overwrite what autograd needs, nor read what it writes.
+
+    ``others`` maps argument names to tensor lists; its first entry is the one read alongside ``x``.
+    ``listed``: names of the other arguments that were given as lists (errors index into them).
+    """
+    y_name, y = next(iter(others.items()))
+    listed = (x_name, y_name, *listed)
     if torch.is_grad_enabled():
-        for name, tensors in {"x": x, **others}.items():
+        for name, tensors in {x_name: x, **others}.items():
             for i, t in enumerate(tensors):
                 if t is not None and t.requires_grad:
-                    label = f"{name}[{i}]" if len(tensors) > 1 or name in ("x", "y", "alpha") else name
+                    label = f"{name}[{i}]" if len(tensors) > 1 or name in listed else name
                     raise ValueError(
                         f"{label} requires grad: the in-place update would overwrite values autograd "
                         "needs. Use the out-of-place op (e.g. inner_sgd_step), or call this one under "
@@ -324,15 +330,16 @@ def _check_inplace_allowed(x: Sequence[Tensor], others: dict) -> None:
                     )
     for i, t in enumerate(x):
         if not t.is_contiguous():
-            raise ValueError(f"x[{i}] must be contiguous to be updated in place, got strides {t.stride()}")
-    for i, (xi, yi) in enumerate(zip(x, others["y"])):
+            raise ValueError(f"{x_name}[{i}] must be contiguous to be updated in place, got strides {t.stride()}")
+    for i, (xi, yi) in enumerate(zip(x, y)):
         # x is contiguous (checked above) and y is made contiguous before the kernel reads it, so
         # the byte ranges say whether they share memory; the exact same tensor is harmless.
         x_start, y_start = xi.data_ptr(), yi.data_ptr()
         if x_start != y_start and yi.is_contiguous():
             size = xi.numel() * xi.element_size()
             if x_start < y_start + size and y_start < x_start + size:
-                raise ValueError(f"y[{i}] overlaps x[{i}] in memory; the in-place update needs separate tensors")
+                raise ValueError(f"{y_name}[{i}] overlaps {x_name}[{i}] in memory; the in-place update needs "
+                                 "separate tensors")
 
 
 def task_axpby_(
@@ -367,14 +374,16 @@ def task_axpby_(
     return _task_axpby_inplace_checked(x, y, alpha, x_scale, y_scale, backend, check_finite)
 
 
-def _task_axpby_inplace_checked(x, y, alpha, x_scale, y_scale, backend, check_finite, alpha_name="alpha") -> list[Tensor]:
-    """``task_axpby_`` once ``x`` and ``y`` have passed ``_check_pair``."""
+def _task_axpby_inplace_checked(x, y, alpha, x_scale, y_scale, backend, check_finite, alpha_name="alpha",
+                                x_name="x", y_name="y") -> list[Tensor]:
+    """``task_axpby_`` once ``x`` and ``y`` have passed ``_check_pair`` (names: the caller's arguments)."""
     num_tasks = x[0].shape[0]
     if isinstance(alpha, (list, tuple)):
         alpha_tensors = [a for a in alpha if isinstance(a, Tensor)]
     else:
         alpha_tensors = [alpha] if isinstance(alpha, Tensor) else []
-    _check_inplace_allowed(x, {"y": y, "alpha": alpha_tensors, "x_scale": [x_scale], "y_scale": [y_scale]})
+    _check_inplace_allowed(x, {y_name: y, alpha_name: alpha_tensors, "x_scale": [x_scale], "y_scale": [y_scale]},
+                           x_name, listed=(alpha_name,) if isinstance(alpha, (list, tuple)) else ())
     alpha = _normalize_alpha(alpha, x, check_finite, alpha_name)
     if x_scale is not None:
         x_scale = V.check_task_vector(x_scale, "x_scale", num_tasks, x[0]).contiguous()
