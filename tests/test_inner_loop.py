@@ -137,3 +137,27 @@ def test_maml_module_adapt_and_learnable_step_sizes():
     sup = torch.randn(3, 5, 2, dtype=F64), torch.randn(3, 5, 1, dtype=F64)
     phi = maml.adapt(sup)
     assert phi[0].shape == (3, 8, 2)
+
+
+def test_recompute_batch_norm_stats_gives_the_exact_average_and_restores_modes():
+    from fastmaml.meta import recompute_batch_norm_stats
+    from fastmaml.meta.models import Conv4
+
+    torch.manual_seed(0)
+    net = Conv4(1, 4, 3, 16).double()
+    net.eval()
+    params_before = [p.clone() for p in net.parameters()]
+    xs = torch.randn(3, 6, 1, 16, 16, dtype=torch.float64)
+    recompute_batch_norm_stats(net, xs)
+    bn = net.features[1]
+    # the first BN sees conv(x): its running mean is the average of the three batch means
+    with torch.no_grad():
+        means = torch.stack([net.features[0](x).mean(dim=(0, 2, 3)) for x in xs])
+    torch.testing.assert_close(bn.running_mean, means.mean(0))
+    assert int(bn.num_batches_tracked) == 3
+    assert not net.training and bn.momentum == 0.1 and bn.track_running_stats
+    assert all(torch.equal(a, b) for a, b in zip(params_before, net.parameters()))
+    with pytest.raises(ValueError, match="batches is empty"):
+        recompute_batch_norm_stats(net, [])
+    with pytest.raises(TypeError, match=r"batches\[0\] must be a tensor"):
+        recompute_batch_norm_stats(net, ["x"])

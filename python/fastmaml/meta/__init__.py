@@ -5,7 +5,7 @@ Front door: ``maml_loss(model, loss_fn, support, query, ...)`` and the ``MAML`` 
 inner loop), ``batched_cg``. References (plain autograd) live in ``fastmaml.reference.meta``.
 """
 from .front import MAML, maml_loss
-from .functional import NonFiniteLossError, TaskModel, batch_stats_only
+from .functional import NonFiniteLossError, TaskModel, batch_stats_only, recompute_batch_norm_stats
 from .hvp import HVP_MODES, batched_grad, hvp, hvp_fd_step
 from .imaml import batched_cg
 from .inner_loop import adapt, lslr_step_sizes, meta_sgd_step_sizes, normalize_step_sizes
@@ -27,4 +27,5 @@ __all__ = [
     "maml_loss",
     "meta_sgd_step_sizes",
     "normalize_step_sizes",
+    "recompute_batch_norm_stats",
 ]

@@ -57,6 +57,60 @@ def batch_stats_only(model: nn.Module):
             m.track_running_stats = track
 
 
+@torch.no_grad()
+def recompute_batch_norm_stats(model: nn.Module, batches) -> nn.Module:
+    """Set every batch-norm layer's running statistics to the exact average over ``batches``.
+
+    The meta-learning engine never touches running statistics (``batch_stats_only``); a model meant
+    for evaluation with ``model.eval()`` needs them. This resets them and runs ``model`` in training
+    mode with ``momentum=None`` (a cumulative average) over the given inputs, then restores each
+    layer's mode and momentum. Parameters are not changed.
+
+    Args:
+        model: the network (its forward takes one input tensor).
+        batches: an iterable of input tensors ``[N, ...]`` (for example each task's support and
+            query images, or a ``[T, N, ...]`` tensor, which is iterated over its tasks).
+
+    Returns:
+        ``model``.
+
+    Example:
+        >>> recompute_batch_norm_stats(net, xq)   # xq: [T, 75, 1, 28, 28], one batch per task
+        >>> net.eval()
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return model
+    if isinstance(batches, Tensor):
+        if batches.dim() < 2:
+            raise ValueError(f"batches as one tensor must be [T, N, ...], got shape {tuple(batches.shape)}")
+        batches = list(batches)
+    saved = [(m, m.training, m.momentum, m.track_running_stats) for m in layers]
+    seen = 0
+    try:
+        for m in layers:
+            if m.running_mean is None:
+                raise ValueError(f"batch-norm layer {m} has no running statistics (track_running_stats=False "
+                                 "at construction)")
+            m.reset_running_stats()
+            m.train()
+            m.momentum = None
+            m.track_running_stats = True
+        for i, x in enumerate(batches):
+            if not isinstance(x, Tensor):
+                raise TypeError(f"batches[{i}] must be a tensor, got {type(x).__name__}")
+            model(x)
+            seen += 1
+    finally:
+        for m, training, momentum, track in saved:
+            m.train(training)
+            m.momentum = momentum
+            m.track_running_stats = track
+    if seen == 0:
+        raise ValueError("batches is empty: no statistics to compute")
+    return model
+
+
 def head_parameter_names(model: nn.Module) -> list[str]:
     """Names of the parameters of the last submodule (in registration order) that has any: ANIL's head."""
     owners = [name for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
