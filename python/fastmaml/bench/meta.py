@@ -11,7 +11,10 @@ Providers of the second-order meta-gradient (d mean_t L_query / d theta):
   func_vmap       baseline: torch.func.vmap of a functional inner loop, outer torch.autograd.grad
   higher          peer (when installed): per-task loop with higher.innerloop_ctx and a differentiable SGD
   learn2learn     peer (when installed): per-task loop with l2l.algorithms.MAML clone/adapt
-  fastmaml_exact  maml_loss(hvp_mode="forward_over_reverse"): custom backward recursion
+  fastmaml_exact  maml_loss(hvp_mode="exact"), what users get by default: custom backward recursion with
+                  the faster exact HVP for the batching (double backward in the per-task loop; under
+                  vmap forward-over-reverse for conv nets, reverse-over-reverse otherwise)
+  fastmaml_fwdrev, fastmaml_revrev, fastmaml_stacked (on request): one HVP mode or batching forced
   fastmaml_fd64   maml_loss(hvp_mode="fd_central", fd_dtype=float64)
   fastmaml_fd32   maml_loss(hvp_mode="fd_forward") in float32 (reuses the saved gradients)
 
@@ -54,7 +57,7 @@ ERR_FLOOR = 1e-3
 # fastmaml_fd32 (forward differences in float32) is not run by default: on these ReLU / max-pool
 # nets its error is 7e-2 to 1e3 relative (docs/meta.md); ask for it with --providers.
 PROVIDERS = ("loop_autograd", "func_vmap", "higher", "learn2learn", "fastmaml_exact", "fastmaml_fd64")
-OPTIONAL_PROVIDERS = ("fastmaml_fd32", "fastmaml_revrev")
+OPTIONAL_PROVIDERS = ("fastmaml_fd32", "fastmaml_fwdrev", "fastmaml_revrev", "fastmaml_stacked")
 BASELINES = ("loop_autograd", "func_vmap", "higher", "learn2learn")
 PEERS = {"higher": "higher", "learn2learn": "learn2learn"}  # provider -> module it needs
 
@@ -147,7 +150,9 @@ def provider_fn(provider: str, net, loss_fn, support, query, num_steps: int, lr:
         return _higher_fn(net, loss_fn, support, query, num_steps, lr, params)
     if provider == "learn2learn":
         return _learn2learn_fn(net, loss_fn, support, query, num_steps, lr, params)
-    kw = {"fastmaml_exact": dict(hvp_mode="forward_over_reverse"),
+    kw = {"fastmaml_exact": dict(hvp_mode="exact"),
+          "fastmaml_fwdrev": dict(hvp_mode="forward_over_reverse"),
+          "fastmaml_stacked": dict(hvp_mode="exact", batching="stacked"),
           "fastmaml_fd64": dict(hvp_mode="fd_central", fd_dtype=torch.float64),
           "fastmaml_fd32": dict(hvp_mode="fd_forward"),
           "fastmaml_revrev": dict(hvp_mode="reverse_over_reverse")}[provider]

@@ -69,6 +69,13 @@ def _subtitle(rows) -> str:
     return f"{r.get('device', '')}, torch {r.get('torch', '')}, commit {r.get('commit', '')}"
 
 
+def _save(fig, plt, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_inner_update(rows, out: Path, plt) -> list[Path]:
     rows = [r for r in rows if r.get("lr_form") == "scalar" and r.get("dtype", "float32") == "float32"]
     if not rows:
@@ -79,10 +86,7 @@ def plot_inner_update(rows, out: Path, plt) -> list[Path]:
                xlabel="tasks T", ylabel="time per update (ms)", title=f"inner update, conv4, {mode}",
                logx=True, logy=True)
     fig.suptitle(f"fused inner update (scalar step): {_subtitle(rows)}", fontsize=9)
-    fig.tight_layout()
-    path = out / "bench_inner_update_vs_tasks.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = _save(fig, plt, out / "bench_inner_update_vs_tasks.png")
     return [path]
 
 
@@ -101,10 +105,7 @@ def plot_meta(rows, out: Path, plt) -> list[Path]:
             _lines(axes[1][j], _series(mem, "steps", "peak_extra_mb", "provider"), xlabel="inner steps K",
                    ylabel="peak extra memory (MB)", title=f"workload {wl}: memory", logy=True)
         fig.suptitle(f"meta-gradient engine: {_subtitle(conv)}", fontsize=9)
-        fig.tight_layout()
-        path = out / "bench_meta_vs_steps.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        path = _save(fig, plt, out / "bench_meta_vs_steps.png")
         written.append(path)
     sine = [r for r in rows if r.get("workload") == "C" and r.get("check") == "ok"]
     if sine:
@@ -112,10 +113,7 @@ def plot_meta(rows, out: Path, plt) -> list[Path]:
         _lines(ax, _series(sine, "tasks", "median_ms", "provider"), xlabel="tasks T", ylabel="meta-gradient time (ms)",
                title="workload C: sinusoid MLP, K=1", logx=True, logy=True)
         fig.suptitle(_subtitle(sine), fontsize=8)
-        fig.tight_layout()
-        path = out / "bench_meta_sinusoid_vs_tasks.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        path = _save(fig, plt, out / "bench_meta_sinusoid_vs_tasks.png")
         written.append(path)
     return written
 
@@ -131,10 +129,7 @@ def plot_heads(rows, out: Path, plt) -> list[Path]:
             _lines(ax, _series(sub, "tasks", "median_ms", "series"), xlabel="tasks T", ylabel="fwd+bwd time (ms)",
                    title=f"R2-D2 ridge head, d={d}", logx=True, logy=True)
         fig.suptitle(_subtitle(ridge), fontsize=8)
-        fig.tight_layout()
-        path = out / "bench_heads_ridge_vs_tasks.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        path = _save(fig, plt, out / "bench_heads_ridge_vs_tasks.png")
         written.append(path)
     svm = [r for r in rows if r.get("family") in ("svm_qp", "svm_e2e") and r.get("mode") == "fwd+bwd"
            and not math.isnan(num(r.get("median_ms")))]
@@ -157,10 +152,7 @@ def plot_heads(rows, out: Path, plt) -> list[Path]:
         ax.set_title(f"MetaOptNet SVM head: {_subtitle(svm)}", fontsize=8)
         ax.legend(fontsize=7)
         ax.grid(True, axis="y", alpha=0.3)
-        fig.tight_layout()
-        path = out / "bench_heads_svm.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        path = _save(fig, plt, out / "bench_heads_svm.png")
         written.append(path)
     return written
 

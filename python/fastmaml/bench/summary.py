@@ -129,14 +129,8 @@ FAMILY_LINES = {"inner_update": inner_update_lines, "meta": meta_lines, "heads":
 
 
 def summarize(results: dict[str, list[dict]]) -> list[dict]:
-    """results: family -> the rows its main() returned. Families that were skipped give one line."""
-    lines = []
-    for family, rows in results.items():
-        if rows and all(r.get("check") == "skipped" and r.get("provider") == "all" for r in rows):
-            lines.append(_line(family, rows[0].get("note", "skipped"), None, None, check="skipped"))
-            continue
-        lines += FAMILY_LINES[family](rows)
-    return lines
+    """results: family -> the rows its main() returned."""
+    return [line for family, rows in results.items() for line in FAMILY_LINES[family](rows)]
 
 
 def format_lines(lines: list[dict]) -> str:

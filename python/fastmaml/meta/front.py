@@ -53,7 +53,9 @@ def maml_loss(model, loss_fn: Optional[Callable] = None, support=None, query=Non
         check_finite: raise (naming the task and step) when a loss is NaN or infinite.
         batching: how calls are batched over tasks: ``"vmap"`` (``torch.func.vmap``), ``"loop"``
             (plain autograd task by task) or ``"auto"`` (a loop for T <= 16 or per-task batches of
-            32 samples or more, else vmap; identical results either way, see ``resolve_batching``).
+            32 samples or more, else vmap; identical results either way, see ``resolve_batching``),
+            or ``"stacked"`` (all tasks in one forward pass, ``fastmaml.meta.stacked``; never chosen
+            by ``"auto"``).
         info: a dict filled with ``support_losses [K, T]`` and, after backward, iMAML's
             ``cg_iterations``, ``cg_task_iterations``, ``cg_residual``, ``cg_converged``.
 
