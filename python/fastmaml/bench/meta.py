@@ -324,7 +324,8 @@ def run_meta(workload: str, tasks: int, steps_list, providers, repeats: int, mem
                 errs[p], times[p] = float("nan"), {"median_ms": float("nan"), "p25_ms": float("nan"),
                                                    "p75_ms": float("nan"), "n": 0, "cpu_ms": float("nan"),
                                                    "error": repr(exc)[:120]}
-        bound = max(2 * errs.get("loop_autograd", float("nan")), ERR_FLOOR)
+        loop_err = errs.get("loop_autograd", float("nan"))  # unknown when the loop is not run: the floor alone
+        bound = max(2 * loop_err, ERR_FLOOR) if loop_err == loop_err else ERR_FLOOR
         ok = {p: errs[p] <= bound for p in active}
         base = [times[b]["median_ms"] for b in BASELINES if b in times and ok.get(b)]
         fastest = min(base) if base else float("nan")

@@ -25,8 +25,8 @@ def latest_run(rows: list[dict], run_id: str | None = None) -> list[dict]:
     """The rows of one run: the given run id, else the newest (run id, or date for rows without one)."""
     if not rows:
         return []
-    if run_id:
-        return [r for r in rows if r.get("run_id") == run_id]
+    if run_id:  # a suite run's id, or the date stamp of a family run on its own
+        return [r for r in rows if run_id in (r.get("run_id"), r.get("date"))]
     key = max((r.get("run_id") or "", r.get("date") or "") for r in rows)
     return [r for r in rows if (r.get("run_id") or "", r.get("date") or "") == key]
 
@@ -164,7 +164,8 @@ def main(argv=None) -> list[Path]:
     parser = argparse.ArgumentParser(prog="python -m fastmaml.bench.plot", description=__doc__)
     parser.add_argument("--results", type=Path, default=None, help="folder with the CSVs (default bench/results)")
     parser.add_argument("--out", type=Path, default=None, help="where the PNGs go (default <results>/figures)")
-    parser.add_argument("--run-id", default=None, help="plot this run (default: each family's latest)")
+    parser.add_argument("--run-id", default=None,
+                        help="plot this run: a suite run id or a row's date stamp (default: each family's latest)")
     args = parser.parse_args(argv)
     try:
         import matplotlib

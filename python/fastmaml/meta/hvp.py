@@ -105,9 +105,10 @@ def choose_batching(batching: str, task_loss, params, fixed, task_args, shared: 
 
 
 def _has_conv(task_loss) -> bool:
-    """Under vmap, forward-over-reverse is the faster exact HVP for conv nets (conv4 support, T = 8:
-    190 vs 220 ms) and reverse-over-reverse for the rest (sinusoid MLP, T = 1000: a meta-gradient in
-    45 vs 80 ms CPU time). A loss that is not a TaskModel's counts as a conv net (the old default)."""
+    """Under vmap, forward-over-reverse is the faster exact HVP for conv nets (conv4 support, T = 8,
+    HVP table of the meta benchmark) and reverse-over-reverse for the rest (sinusoid MLP: 37.5 vs
+    39.0 ms per meta-gradient at T = 1000, 4.8 vs 5.7 at T = 25, docs/meta.md). A loss that is not
+    a TaskModel's counts as a conv net (the old default)."""
     task_model = getattr(task_loss, "__self__", None)
     if not isinstance(task_model, TaskModel):
         return True

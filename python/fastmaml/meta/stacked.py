@@ -19,13 +19,13 @@ Models whose forward touches a parameter through any other op cannot be stacked 
 TaskModel is checked once, numerically, against the per-task loss on the first batch it sees; a
 model that fails (or raises) is refused with a ValueError.
 
-Measured on the 2-core CPU of the development machine (torch 2.13, one thread, process CPU time of
-one second-order meta-gradient): sinusoid MLP, T = 1000: 65 ms stacked vs 49 ms for the vmap
-batching (torch.func.vmap itself batches the shared first step as plain matmuls, while the stacked
-forward expands theta into per-task bmm's); T = 25: 3.7 vs 5.9 ms; conv4 (A), T = 8: about 3x
-slower than the per-task loop (grouped convolutions). ``batching="auto"`` therefore never picks
-it; it is there as ``batching="stacked"`` for accelerators, where one batched kernel per layer is
-the point, and is tested against the loop to 1e-10 in float64.
+On the 2-core CPU of the development machine it is not the faster choice (``python -m
+fastmaml.bench.meta --workload C --providers fastmaml_exact fastmaml_stacked ...``, see
+docs/meta.md): sinusoid MLP, T = 1000, 52 vs 36 ms for ``"auto"`` (vmap batches the shared first
+step as plain matmuls, the stacked forward as per-task bmm's); T = 25, 3.4 vs 7.6 ms; conv nets
+run grouped convolutions, slower here than the per-task loop. ``batching="auto"`` therefore never
+picks it; it is there as ``batching="stacked"`` for accelerators, where one batched kernel per
+layer is the point, and is tested against the loop to 1e-10 in float64.
 """
 from __future__ import annotations
 
