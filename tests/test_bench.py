@@ -124,3 +124,11 @@ def test_plot_writes_figures_from_the_latest_run(tmp_path):
     written = plot.main(["--results", str(tmp_path), "--out", str(tmp_path / "fig")])
     assert [p.name for p in written] == ["bench_inner_update_vs_tasks.png"]
     assert written[0].stat().st_size > 10_000
+
+
+def test_meta_rows_are_checked_even_without_the_loop_provider():
+    from fastmaml.bench import meta as bench_meta
+
+    rows = bench_meta.run_meta("C", 3, (1,), ("func_vmap", "fastmaml_exact"), 1, (), {})
+    assert [r["check"] for r in rows] == ["ok", "ok"]
+    assert all(r["err_bound"] == bench_meta.ERR_FLOOR for r in rows)
