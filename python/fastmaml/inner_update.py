@@ -13,7 +13,6 @@ from .ops.multi_tensor import (
     _check_pair,
     _task_axpby_checked,
     _task_axpby_inplace_checked,
-    task_axpby,
     task_dot,
 )
 from .reference.inner_update import CLIP_EPS

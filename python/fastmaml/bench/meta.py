@@ -41,7 +41,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from ..meta.front import maml_loss
 from ..meta.functional import TaskModel, batch_stats_only
@@ -127,7 +127,6 @@ def provider_fn(provider: str, net, loss_fn, support, query, num_steps: int, lr:
         return lambda: torch.autograd.grad(maml_loss_reference(tm, support, query, per_step).mean(), params)
     if provider == "func_vmap":
         names = [n for n, _ in net.named_parameters()]
-        buffers = dict(net.named_buffers())
 
         def loss(p, x, y):
             return loss_fn(tm.forward([p[n] for n in names], [], x), y)
@@ -137,8 +136,6 @@ def provider_fn(provider: str, net, loss_fn, support, query, num_steps: int, lr:
                 g = grad(loss)(p, xs, ys)
                 p = {n: p[n] - lr * g[n] for n in names}
             return loss(p, xq, yq)
-
-        del buffers
 
         def run():
             p = dict(zip(names, params))

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..ops.multi_tensor import task_axpby
 from .functional import TaskModel, check_losses_finite
-from .hvp import batched_grad, hvp, resolve_hvp_mode
+from .hvp import batched_grad, hvp
 from .inner_loop import run_inner_loop
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "imaml")
