@@ -241,7 +241,7 @@ def test_unknown_or_unavailable_backend_is_an_error():
     x = [torch.randn(3, 4)]
     with pytest.raises(ValueError, match="backend must be one of"):
         fastmaml.task_axpby(x, x, 0.1, backend="fortran")
-    with pytest.raises(RuntimeError, match="backend 'cuda' is not available for tensors on cpu"):
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available for task_axpby on tensors on cpu"):
         fastmaml.task_axpby(x, x, 0.1, backend="cuda")
 
 

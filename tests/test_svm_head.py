@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import fastmaml
 pytest.importorskip("cvxpy")  # optional here (e.g. a GPU machine without it): skipped, not failed
 
 from fastmaml.heads.qp import qp_solve
@@ -15,6 +16,9 @@ from _heads_oracle import cvxpy_qp_batch  # noqa: E402
 
 F64 = torch.float64
 ORACLE_RTOL = {F64: 1e-6, torch.float32: 1e-4}
+# The compiled solver and the batched PyTorch reference: every property below holds for both.
+BACKENDS = [pytest.param("cpu", marks=pytest.mark.skipif(not fastmaml.HAS_NATIVE, reason="compiled module not built")),
+            "reference"]
 
 
 def _rel_err(a, b):
@@ -38,12 +42,13 @@ def oracle_alpha(K, labels, n_way, C, diag_reg=1.0):
 # ---------------------------------------------------------------------------------------------
 # Maths
 # ---------------------------------------------------------------------------------------------
-def test_svm_gradcheck_wrt_kernel():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_svm_gradcheck_wrt_kernel(backend):
     X, labels, _ = episode(2, 3, 2, 8, seed=1)
     K = (X @ X.mT).requires_grad_()
 
     def f(K):
-        return svm_crammer_singer_solve(0.5 * (K + K.mT), labels, 3).z
+        return svm_crammer_singer_solve(0.5 * (K + K.mT), labels, 3, backend=backend).z
 
     assert torch.autograd.gradcheck(f, (K,), atol=1e-7, rtol=1e-4, fast_mode=True)
 
@@ -57,12 +62,13 @@ def test_svm_logits_gradcheck_wrt_features_and_double_backward_error():
         torch.autograd.grad(gX.sum(), X)
 
 
-def test_svm_gradient_matches_finite_differences_of_cvxpy():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_svm_gradient_matches_finite_differences_of_cvxpy(backend):
     X, labels, _ = episode(1, 3, 1, 4, seed=3)
     K = X @ X.mT
     w = torch.randn(1, 3, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
     Kg = K.clone().requires_grad_()
-    (gK,) = torch.autograd.grad((svm_crammer_singer_solve(Kg, labels, 3, C=0.5).z * w).sum(), Kg)
+    (gK,) = torch.autograd.grad((svm_crammer_singer_solve(Kg, labels, 3, C=0.5, backend=backend).z * w).sum(), Kg)
     E = torch.zeros_like(K)
     E[0, 0, 1] = E[0, 1, 0] = 1.0  # a symmetric perturbation of one off-diagonal pair
     eps = 1e-5
@@ -73,11 +79,12 @@ def test_svm_gradient_matches_finite_differences_of_cvxpy():
 # ---------------------------------------------------------------------------------------------
 # Reference (generic QP on the Kronecker-built problem) and oracle
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("T,n_way,shot,d", [(1, 5, 1, 1600), (3, 5, 5, 64), (17, 2, 3, 7)])
-def test_structured_solver_matches_generic_qp_reference(T, n_way, shot, d):
+def test_structured_solver_matches_generic_qp_reference(T, n_way, shot, d, backend):
     X, labels, _ = episode(T, n_way, shot, d, seed=T)
     K = X @ X.mT
-    fast = svm_crammer_singer_solve(K, labels, n_way)
+    fast = svm_crammer_singer_solve(K, labels, n_way, backend=backend)
     ref = qp_solve(*crammer_singer_qp_reference(K, labels, n_way, 0.1))
     assert fast.converged.all() and ref.converged.all()
     assert _rel_err(fast.z, ref.z.reshape(T, -1, n_way)) < 1e-8
@@ -85,11 +92,12 @@ def test_structured_solver_matches_generic_qp_reference(T, n_way, shot, d):
     assert fast.iterations.tolist() == ref.iterations.tolist()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
 @pytest.mark.parametrize(
     "case", ["metaoptnet_1shot_d1600", "duplicates_and_zero_features", "small_C", "large_C", "no_diag_reg_singular"]
 )
-def test_svm_matches_cvxpy(case, dtype):
+def test_svm_matches_cvxpy(case, dtype, backend):
     C, diag_reg, n_way, shot, d = 0.1, 1.0, 5, 1, 1600
     if case != "metaoptnet_1shot_d1600":
         n_way, shot, d = 4, 2, 24
@@ -105,7 +113,7 @@ def test_svm_matches_cvxpy(case, dtype):
         X = X[..., :3].contiguous()  # rank 3 < n = 8: K is singular, and r = 0
         diag_reg = 0.0
     K = X @ X.mT
-    res = svm_crammer_singer_solve(K, labels, n_way, C=C, diag_reg=diag_reg)
+    res = svm_crammer_singer_solve(K, labels, n_way, C=C, diag_reg=diag_reg, backend=backend)
     assert res.converged.all(), res.status_names()
     assert res.z.dtype == dtype
     if case == "no_diag_reg_singular":
@@ -135,10 +143,24 @@ def test_svm_logits_gradcheck_primal_weights_route():
                                     fast_mode=True)
 
 
-def test_fixed_iterations_report_not_converged():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fixed_iterations_report_not_converged(backend):
     X, labels, _ = episode(2, 5, 5, 64)
-    res = svm_crammer_singer_solve(X @ X.mT, labels, 5, max_iter=3, tol=0.0)
+    res = svm_crammer_singer_solve(X @ X.mT, labels, 5, max_iter=3, tol=0.0, backend=backend)
     assert res.iterations.tolist() == [3, 3] and res.status_names() == ["MAX_ITER"] * 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_indefinite_kernel_is_reported_not_solved(backend):
+    # Task 1's "kernel" has a large negative eigenvalue: no Newton system can be factored.
+    X, labels, _ = episode(2, 3, 2, 8)
+    K = X @ X.mT
+    K[1] -= 50.0 * torch.eye(6, dtype=F64)
+    res = svm_crammer_singer_solve(K, labels, 3, backend=backend)
+    assert res.status_names() == ["SOLVED", "NUMERICAL_ERROR"]
+    assert torch.isfinite(res.z[0]).all() and torch.isnan(res.z[1]).all()
+    with pytest.raises(RuntimeError, match=r"tasks \[1\] were not solved: \['NUMERICAL_ERROR'\]"):
+        svm_crammer_singer_solve(K, labels, 3, backend=backend, raise_on_failure=True)
 
 
 # ---------------------------------------------------------------------------------------------

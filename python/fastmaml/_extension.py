@@ -29,11 +29,11 @@ def build_info() -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def has_native_device(device_type: str) -> bool:
-    """Whether the compiled ops have a kernel registered for this device type."""
+def has_native_device(device_type: str, op: str = "task_axpby") -> bool:
+    """Whether the compiled op ``fastmaml::<op>`` has a kernel registered for this device type."""
     if _C is None:
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     if key is None:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fastmaml::task_axpby", key)
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastmaml::{op}", key)

@@ -33,27 +33,31 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def is_available(backend: str, device: torch.device) -> bool:
-    """Whether ``backend`` can run ops on tensors that live on ``device``."""
+# Ops with a Triton kernel (kernels/); the others have only compiled and reference backends.
+_TRITON_OPS = frozenset({"task_axpby", "task_axpby_", "task_dot"})
+
+
+def is_available(backend: str, device: torch.device, op: str = "task_axpby") -> bool:
+    """Whether ``backend`` can run the op ``op`` on tensors that live on ``device``."""
     if backend == "reference":
         return True
     if backend == "cpu":
-        return device.type == "cpu" and has_native_device("cpu")
+        return device.type == "cpu" and has_native_device("cpu", op)
     if backend == "cuda":
-        return device.type == "cuda" and has_native_device("cuda")
+        return device.type == "cuda" and has_native_device("cuda", op)
     if backend == "triton":
         # Triton compiles for GPUs; its interpreter (TRITON_INTERPRET=1) runs on CPU tensors.
-        return triton_installed() and (device.type == "cuda" or triton_interpreting())
+        return op in _TRITON_OPS and triton_installed() and (device.type == "cuda" or triton_interpreting())
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
+def available_backends(device: torch.device | str = "cpu", op: str = "task_axpby") -> list[str]:
     device = torch.device(device)
-    return [b for b in BACKENDS[1:] if is_available(b, device)]
+    return [b for b in BACKENDS[1:] if is_available(b, device, op)]
 
 
-def resolve_backend(device: torch.device, backend: str = "auto") -> str:
-    """Return the concrete backend that will run on ``device``.
+def resolve_backend(device: torch.device, backend: str = "auto", op: str = "task_axpby") -> str:
+    """Return the concrete backend that will run the op ``op`` on ``device``.
 
     Raises:
         ValueError: ``backend`` is not a known name.
@@ -67,12 +71,12 @@ def resolve_backend(device: torch.device, backend: str = "auto") -> str:
             raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
-            if is_available(candidate, device):
+            if is_available(candidate, device, op):
                 return candidate
         return "reference"
-    if not is_available(backend, device):
+    if not is_available(backend, device, op):
         raise RuntimeError(
-            f"backend {backend!r} is not available for tensors on {device}; "
-            f"available: {available_backends(device)}"
+            f"backend {backend!r} is not available for {op} on tensors on {device}; "
+            f"available: {available_backends(device, op)}"
         )
     return backend

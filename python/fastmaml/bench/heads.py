@@ -9,7 +9,8 @@ Three families, each provider measured in the same run, float32 features as in M
   RSS increase (``VmHWM``) of a fresh subprocess that runs one forward+backward, also given
   net of the feature gradients that every provider must return (``beyond_grads_mb``).
 * ``svm_qp``: the Crammer-Singer QP alone (kernel given), forward+backward w.r.t. the kernel.
-  Providers: ``fastmaml`` (block-structured IPM, tolerance-based), ``fastmaml_generic`` (the
+  Providers: ``fastmaml`` (block-structured IPM, tolerance-based; compiled on the CPU),
+  ``fastmaml_reference`` (the same algorithm as a batched PyTorch loop), ``fastmaml_generic`` (the
   dense ``qp_solve`` on the Kronecker-built problem), ``qpth`` at MetaOptNet's settings
   (``maxIter`` 3 and 15, float32, ``check_Q_spd=False``), ``cvxpy`` per episode (forward only).
   Accuracy: max |alpha - alpha_oracle| / max |alpha_oracle| over the tasks, the oracle being cvxpy
@@ -49,28 +50,38 @@ ACCURACY_BOUND = 1e-4
 PEERS = {"qpth": "qpth", "cvxpylayers": "cvxpylayers"}
 
 
-def time_interleaved(fns: dict, repeats: int, warmup: int = 1, device="cpu") -> dict:
-    """Median and quartiles (ms) of each closure, the providers' repeats interleaved round-robin.
+def time_interleaved(fns: dict, repeats: int, warmup: int = 1, device="cpu", min_sample_ms: float = 10.0) -> dict:
+    """Median and quartiles (ms per call) of each closure, the providers' repeats interleaved.
 
     On a shared machine the load drifts during a run; interleaving exposes every provider to the
-    same drift, so the ratios stay meaningful even when the absolute times move.
+    same drift, so the ratios stay meaningful even when the absolute times move. A sample of a
+    closure faster than ``min_sample_ms`` times several back-to-back calls (the count fixed after
+    the warm-up): a single sub-millisecond call right after another provider's large one mostly
+    measures cold caches and timer noise.
     """
     device = torch.device(device)
-    for fn in fns.values():
+    calls = {}
+    for k, fn in fns.items():
         for _ in range(warmup):
             fn()
-    sync(device)
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        once_ms = (time.perf_counter() - t0) * 1e3
+        calls[k] = max(1, min(100, int(min_sample_ms / max(once_ms, 1e-3))))
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
             t0 = time.perf_counter()
-            fn()
+            for _ in range(calls[k]):
+                fn()
             sync(device)
-            times[k].append((time.perf_counter() - t0) * 1e3)
+            times[k].append((time.perf_counter() - t0) * 1e3 / calls[k])
     out = {}
     for k, ts in times.items():
         q = statistics.quantiles(ts, n=4) if len(ts) >= 4 else [min(ts), statistics.median(ts), max(ts)]
-        out[k] = {"median_ms": statistics.median(ts), "p25_ms": q[0], "p75_ms": q[2], "n": len(ts)}
+        out[k] = {"median_ms": statistics.median(ts), "p25_ms": q[0], "p75_ms": q[2], "n": len(ts) * calls[k]}
     return out
 
 
@@ -294,6 +305,7 @@ def _cvxpylayer(n, n_way, C):
 def svm_qp_providers(n, n_way, C, qpth_iters, device="cpu"):
     prov = {
         "fastmaml": lambda K, lab: svm_crammer_singer_solve(K, lab, n_way, C=C).z,
+        "fastmaml_reference": lambda K, lab: svm_crammer_singer_solve(K, lab, n_way, C=C, backend="reference").z,
         "fastmaml_generic": lambda K, lab: qp_solve(*crammer_singer_qp_reference(K, lab, n_way, C), check_convex=False)
         .z.reshape(lab.shape[0], n, n_way),
     }

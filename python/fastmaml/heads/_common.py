@@ -70,10 +70,11 @@ def check_labels(labels, name: str, num_tasks: int, n: int, n_way: int, device) 
         raise ValueError(f"{name} must have shape [{num_tasks}, {n}] (T, n_support), got {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"{name} is on {labels.device}, expected {device}")
-    if labels.numel() and (bool((labels < 0).any()) or bool((labels >= n_way).any())):
-        raise ValueError(
-            f"{name} must lie in [0, n_way) = [0, {n_way}), got values in [{int(labels.min())}, {int(labels.max())}]"
-        )
+    if labels.numel():
+        lo, hi = torch.aminmax(labels)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= n_way:
+            raise ValueError(f"{name} must lie in [0, n_way) = [0, {n_way}), got values in [{lo}, {hi}]")
     return labels
 
 

@@ -16,8 +16,11 @@ complement ``S = sum_k H_k^-1`` (``(c + 1) n^3 / 3`` flops against ``(n c)^3 / 3
 KKT matrix: 21x fewer for 5-way). Every variable has a bound, so ``W_k > 0`` and all blocks are
 positive definite even for a singular ``K`` (duplicate or zero support points) and ``r = 0``.
 
-The generic ``qp_solve`` on the Kronecker-built problem (``crammer_singer_qp_reference``) is the
-reference; the tests check both against cvxpy.
+Backends: ``"cpu"`` runs the whole solve in compiled code (``torch.ops.fastmaml.svm_cs_ipm``:
+tasks in lockstep groups, one SIMD lane per task, same algorithm and iterates), ``"reference"``
+is the batched PyTorch loop below; ``"auto"`` takes the compiled one for CPU tensors. The generic
+``qp_solve`` on the Kronecker-built problem (``crammer_singer_qp_reference``) is a second
+reference; the tests check all of them against cvxpy.
 """
 from __future__ import annotations
 
@@ -26,8 +29,22 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..backend import resolve_backend
 from ._common import check_batched, check_labels, check_like, check_n_way, first_order_only
 from .qp import QPResult, QPStatus, default_tol, failed_mask, interior_point, mask_failed, raise_if_failed
+
+
+def regularized_kernel(K: Tensor, diag_reg: float, input_eps: float = 0.0) -> Tensor:
+    """``K + r I`` with ``r = max(diag_reg, n * input_eps * max diag(K))`` per task ``[T, n, n]``.
+
+    The floor ``n * eps(input dtype) * max diag(K)``: a float32 Gram matrix can be indefinite by
+    that much, which breaks the Cholesky factorizations once the bound weights W -> 0 (r ~ 0 with
+    a singular K). It is below the rounding of K itself, and MetaOptNet's r = 1 is far above it.
+    """
+    n = K.shape[1]
+    jitter = n * input_eps * K.diagonal(dim1=-2, dim2=-1).abs().amax(-1)  # [T]
+    eye = torch.eye(n, dtype=K.dtype, device=K.device)
+    return K + jitter.clamp(min=diag_reg)[:, None, None] * eye
 
 
 class CrammerSingerKKT:
@@ -36,13 +53,7 @@ class CrammerSingerKKT:
     def __init__(self, K: Tensor, n_way: int, diag_reg: float, input_eps: float = 0.0):
         self.T, self.n = K.shape[0], K.shape[1]
         self.c = n_way
-        # The diagonal term is at least n * eps(input dtype) * max diag(K): a float32 Gram matrix
-        # can be indefinite by that much, which breaks the Cholesky factorizations once the bound
-        # weights W -> 0 (r ~ 0 with a singular K). It is below the rounding of K itself, and
-        # MetaOptNet's r = 1 is far above it (so it changes nothing there).
-        jitter = self.n * input_eps * K.diagonal(dim1=-2, dim2=-1).abs().amax(-1)  # [T]
-        eye = torch.eye(self.n, dtype=K.dtype, device=K.device)
-        self.Kr = K + jitter.clamp(min=diag_reg)[:, None, None] * eye  # [T, n, n]
+        self.Kr = regularized_kernel(K, diag_reg, input_eps)  # [T, n, n]
         self.N = self.m = self.n * n_way
         self.neq = self.n
 
@@ -88,18 +99,50 @@ class CrammerSingerKKT:
         return dZ.reshape(self.T, -1), dy[..., 0], u.reshape(self.T, -1)
 
 
+def _register_native_fakes():
+    """Shapes of the compiled ops' outputs, for torch.compile / meta tensors (opcheck checks them)."""
+    from .._extension import HAS_NATIVE
+
+    if not HAS_NATIVE:
+        return
+
+    @torch.library.register_fake("fastmaml::svm_cs_ipm")
+    def _(kernel_reg, labels, n_way, C, max_iter, tol):
+        T, n = kernel_reg.shape[0], kernel_reg.shape[1]
+        z = kernel_reg.new_empty(T, n_way, n)
+        per_task = kernel_reg.new_empty(T)
+        as_int = labels.new_empty(T)
+        return z, torch.empty_like(z), as_int, torch.empty_like(as_int), per_task, torch.empty_like(per_task), \
+            torch.empty_like(per_task)
+
+    @torch.library.register_fake("fastmaml::svm_cs_kkt_solve")
+    def _(kernel_reg, weights, rhs):
+        return torch.empty_like(rhs, memory_format=torch.contiguous_format)
+
+
+_register_native_fakes()
+
+
 class _CrammerSingerFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, K, Y, n_way, C, diag_reg, max_iter, tol, input_eps):
+    def forward(ctx, K, labels, n_way, C, diag_reg, max_iter, tol, input_eps, backend):
         T, n, _ = K.shape
-        kkt = CrammerSingerKKT(K, n_way, diag_reg, input_eps)
-        y_cm = Y.mT.reshape(T, -1)  # [T, c * n] class-major one-hot
-        p, h = -y_cm, C * y_cm
-        b = K.new_zeros(T, n)
-        z, lam, y, s, status, its, pres, dres, gap, fac = interior_point(
-            kkt, p, h, b, max_iter=max_iter, tol=tol, certificates=False)  # always feasible, bounded
-        z = mask_failed(z, status)
-        ctx.kkt, ctx.fac = kkt, fac
+        Kr = regularized_kernel(K, diag_reg, input_eps)  # [T, n, n]
+        if backend == "cpu":
+            z, w, status, its, pres, dres, gap = torch.ops.fastmaml.svm_cs_ipm(Kr, labels, n_way, C, max_iter, tol)
+            z = mask_failed(z.reshape(T, -1), status)
+            ctx.native = (Kr, w)
+        else:
+            kkt = CrammerSingerKKT(K, n_way, diag_reg, input_eps)
+            y_cm = torch.nn.functional.one_hot(labels, n_way).to(K.dtype).mT.reshape(T, -1)  # [T, c n]
+            p, h = -y_cm, C * y_cm
+            b = K.new_zeros(T, n)
+            z, lam, y, s, status, its, pres, dres, gap, fac = interior_point(
+                kkt, p, h, b, max_iter=max_iter, tol=tol, certificates=False)  # always feasible, bounded
+            z = mask_failed(z, status)
+            ctx.native = None
+            ctx.kkt, ctx.fac = kkt, fac
+        ctx.n_way = n_way
         ctx.save_for_backward(z, status, K)  # K: tie for the double-backward error
         alpha = z.reshape(T, n_way, n).mT  # [T, n, c]
         ctx.mark_non_differentiable(status, its, pres, dres, gap)
@@ -109,17 +152,21 @@ class _CrammerSingerFunction(torch.autograd.Function):
     @first_order_only("svm_crammer_singer_solve")
     def backward(ctx, g_alpha, *_):
         z, status = ctx.saved_tensors[:2]
-        kkt = ctx.kkt
-        T, c, n = kkt.T, kkt.c, kkt.n
+        T, n, c = g_alpha.shape[0], g_alpha.shape[1], ctx.n_way
         ok = ~failed_mask(status)
-        gz = torch.where(ok[:, None, None], g_alpha, torch.zeros_like(g_alpha)).mT.reshape(T, -1)
-        dz, _, _ = kkt.solve(ctx.fac, -gz, gz.new_zeros(T, n))
+        gz = torch.where(ok[:, None, None], g_alpha, torch.zeros_like(g_alpha)).mT  # [T, c, n]
+        # Adjoint KKT system = the Newton system at the solution (one more solve).
+        if ctx.native is not None:
+            Kr, w = ctx.native
+            dz = torch.ops.fastmaml.svm_cs_kkt_solve(Kr, w, -gz.contiguous()).reshape(T, -1)
+        else:
+            dz, _, _ = ctx.kkt.solve(ctx.fac, -gz.reshape(T, -1), gz.new_zeros(T, n))
         dZ = torch.where(ok[:, None], dz, torch.zeros_like(dz)).reshape(T, c, n)
         Z = torch.where(ok[:, None], z, torch.zeros_like(z)).reshape(T, c, n)
         # Q = I_c (x) (K + r I): grad_K = sum_k sym(dz_k a_k^T).
         gK = dZ.mT @ Z
         gK = 0.5 * (gK + gK.mT)
-        return gK, None, None, None, None, None, None, None
+        return gK, None, None, None, None, None, None, None, None
 
 
 def _check_svm_inputs(kernel, labels, n_way, C, diag_reg):
@@ -129,8 +176,9 @@ def _check_svm_inputs(kernel, labels, n_way, C, diag_reg):
         raise ValueError(f"kernel must be square [T, n, n], got {tuple(K.shape)}")
     if n < 1:
         raise ValueError("kernel must have at least one support point (n >= 1)")
-    asym = float((K - K.mT).detach().abs().amax())
-    if asym > 100 * torch.finfo(K.dtype).eps * (1.0 + float(K.detach().abs().amax())):
+    Kd = K.detach()
+    asym, kmax = torch.stack([(Kd - Kd.mT).abs().amax(), Kd.abs().amax()]).tolist()  # one sync
+    if asym > 100 * torch.finfo(K.dtype).eps * (1.0 + kmax):
         raise ValueError(f"kernel must be symmetric, max |K - K^T| = {asym:.3g}")
     n_way = check_n_way(n_way)
     check_labels(labels, "support_labels", T, n, n_way, K.device)
@@ -149,7 +197,8 @@ def _check_svm_inputs(kernel, labels, n_way, C, diag_reg):
 def svm_crammer_singer_solve(kernel: Tensor, support_labels: Tensor, n_way: int, *, C: float = 0.1,
                              diag_reg: float = 1.0, max_iter: int = 50, tol: Optional[float] = None,
                              raise_on_failure: bool = False,
-                             compute_dtype: Optional[torch.dtype] = torch.float64) -> QPResult:
+                             compute_dtype: Optional[torch.dtype] = torch.float64,
+                             backend: str = "auto") -> QPResult:
     """Batched Crammer-Singer SVM dual (MetaOptNet's ``SVM_CS``) with the block-structured IPM.
 
     Args:
@@ -161,7 +210,10 @@ def svm_crammer_singer_solve(kernel: Tensor, support_labels: Tensor, n_way: int,
         max_iter: iteration cap; tol: stopping tolerance (default ``default_tol``; 0 = fixed
             ``max_iter`` iterations).
         raise_on_failure: raise ``RuntimeError`` when a task fails.
-        compute_dtype: solver arithmetic (float64 by default, also for float32 kernels).
+        compute_dtype: solver arithmetic (float64 by default, also for float32 kernels). In float32
+            the badly scaled dual is only solved to about 1e-3 relative to its largest entry.
+        backend: ``"auto"`` (compiled ``"cpu"`` for CPU tensors, else ``"reference"``), ``"cpu"`` or
+            ``"reference"`` (the batched PyTorch loop); both give the same iterates.
 
     Returns:
         ``QPResult`` whose ``z`` is the dual solution ``alpha`` ``[T, n, n_way]`` (sample-major, as
@@ -183,10 +235,10 @@ def svm_crammer_singer_solve(kernel: Tensor, support_labels: Tensor, n_way: int,
     tol = default_tol(cdt) if tol is None else float(tol)
     if tol < 0:
         raise ValueError(f"tol must be >= 0, got {tol}")
-    Kc = K.to(cdt)
-    Y = torch.nn.functional.one_hot(support_labels, n_way).to(cdt)  # [T, n, c]
+    chosen = resolve_backend(K.device, backend, op="svm_cs_ipm")
     alpha, status, its, pres, dres, gap = _CrammerSingerFunction.apply(
-        Kc, Y, n_way, float(C), float(diag_reg), max_iter, tol, torch.finfo(in_dtype).eps if in_dtype != cdt else 0.0)
+        K.to(cdt), support_labels, n_way, float(C), float(diag_reg), max_iter, tol,
+        torch.finfo(in_dtype).eps if in_dtype != cdt else 0.0, chosen)
     if raise_on_failure:
         raise_if_failed(status, "svm_crammer_singer_solve")
     empty = K.new_zeros(K.shape[0], 0)
