@@ -15,17 +15,18 @@ TORCH_LIBRARY(fastmaml, m) {
   // out[t] = sum_i <a_i[t], b_i[t]>
   m.def("task_dot(Tensor[] a, Tensor[] b) -> Tensor");
   // Crammer-Singer SVM dual (MetaOptNet) by the interior-point method, per task:
-  //   min 1/2 sum_k a_k^T Kr a_k - sum_k y_k^T a_k  s.t.  a_k <= C y_k,  sum_k a_k = 0.
-  // kernel_reg [T, n, n] = K + r I, labels [T, n] int64. Returns alpha [T, c, n] (class-major),
-  // the barrier weights lam / s at the returned iterate [T, c, n] (for the backward pass),
-  // status and iterations [T] int64 (QPStatus codes), the residuals and the gap [T].
-  m.def("svm_cs_ipm(Tensor kernel_reg, Tensor labels, int n_way, float C, int max_iter, float tol) -> "
-        "(Tensor alpha, Tensor weights, Tensor status, Tensor iterations, Tensor primal_residual, "
-        "Tensor dual_residual, Tensor gap)");
+  //   min 1/2 sum_k a_k^T Kr a_k - sum_k y_k^T a_k  s.t.  a_k <= C y_k,  sum_k a_k = 0,
+  // Kr = K + r I with r = max(diag_reg, n * floor_eps * max_i |K[i, i]|) per task.
+  // kernel [T, n, n], labels [T, n] int64. Returns alpha [T, c, n] (class-major), the barrier
+  // weights lam / s at the returned iterate [T, c, n] (for the backward pass), status and
+  // iterations [T] int64 (QPStatus codes), the residuals and the gap [T].
+  m.def("svm_cs_ipm(Tensor kernel, Tensor labels, int n_way, float C, float diag_reg, float floor_eps, "
+        "int max_iter, float tol) -> (Tensor alpha, Tensor weights, Tensor status, Tensor iterations, "
+        "Tensor primal_residual, Tensor dual_residual, Tensor gap)");
   // Solve blockdiag_k(Kr + diag(weights_k)) dz + E^T dy = rhs, E dz = 0 (E = [I ... I]): the
   // adjoint system of the backward pass. weights, rhs, result [T, c, n]; NaN rows for tasks whose
   // system is not positive definite.
-  m.def("svm_cs_kkt_solve(Tensor kernel_reg, Tensor weights, Tensor rhs) -> Tensor");
+  m.def("svm_cs_kkt_solve(Tensor kernel, float diag_reg, float floor_eps, Tensor weights, Tensor rhs) -> Tensor");
 }
 
 namespace py = pybind11;

@@ -67,16 +67,17 @@ def test_float32_arithmetic_solves_to_its_documented_accuracy(capability, monkey
 
 @pytest.mark.parametrize("capability", CAPABILITIES)
 @pytest.mark.parametrize("dtype,tol", [(F64, 1e-10), (torch.float32, 1e-3)])
-def test_kkt_solve_matches_dense_solve(dtype, tol, capability, monkeypatch):
+@pytest.mark.parametrize("diag_reg,floor_eps", [(0.1, 0.0), (0.0, 1e-3)])  # r from diag_reg, from the floor
+def test_kkt_solve_matches_dense_solve(dtype, tol, diag_reg, floor_eps, capability, monkeypatch):
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", capability)
     T, c, n = 7, 3, 5
     K, _ = episode(T, c, 2, 4, seed=11)  # n = 6 > rank 4
     n = K.shape[1]
-    Kr = regularized_kernel(K, 0.1)
+    Kr = regularized_kernel(K, diag_reg, floor_eps)
     g = torch.Generator().manual_seed(1)
     w = torch.rand(T, c, n, generator=g, dtype=F64) * 10.0 ** torch.randint(-3, 4, (T, c, n), generator=g)
     rhs = torch.randn(T, c, n, generator=g, dtype=F64)
-    dz = torch.ops.fastmaml.svm_cs_kkt_solve(Kr.to(dtype), w.to(dtype), rhs.to(dtype))
+    dz = torch.ops.fastmaml.svm_cs_kkt_solve(K.to(dtype), diag_reg, floor_eps, w.to(dtype), rhs.to(dtype))
     # Dense KKT matrix [blockdiag_k(Kr + diag w_k), E^T; E, 0] with E = [I ... I].
     N = c * n
     M = torch.zeros(T, N + n, N + n, dtype=F64)
@@ -91,34 +92,34 @@ def test_kkt_solve_matches_dense_solve(dtype, tol, capability, monkeypatch):
 
 def test_kkt_solve_of_an_indefinite_system_is_nan_not_garbage():
     K, _ = episode(3, 2, 2, 8, seed=2)
-    Kr = regularized_kernel(K, 1.0)
-    Kr[1] -= 100.0 * torch.eye(4, dtype=F64)
+    K[1] -= 100.0 * torch.eye(4, dtype=F64)
     w = torch.ones(3, 2, 4, dtype=F64)
-    dz = torch.ops.fastmaml.svm_cs_kkt_solve(Kr, w, torch.randn(3, 2, 4, dtype=F64))
+    dz = torch.ops.fastmaml.svm_cs_kkt_solve(K, 1.0, 0.0, w, torch.randn(3, 2, 4, dtype=F64))
     assert torch.isfinite(dz[[0, 2]]).all() and torch.isnan(dz[1]).all()
 
 
 def test_ops_pass_opcheck():
     K, labels = episode(3, 3, 2, 8, seed=4)
-    Kr = regularized_kernel(K, 1.0)
-    torch.library.opcheck(torch.ops.fastmaml.svm_cs_ipm.default, (Kr, labels, 3, 0.1, 30, 1e-12))
+    torch.library.opcheck(torch.ops.fastmaml.svm_cs_ipm.default, (K, labels, 3, 0.1, 1.0, 0.0, 30, 1e-12))
     w = torch.rand(3, 3, 6, dtype=F64) + 0.1
-    torch.library.opcheck(torch.ops.fastmaml.svm_cs_kkt_solve.default, (Kr, w, torch.randn(3, 3, 6, dtype=F64)))
+    torch.library.opcheck(torch.ops.fastmaml.svm_cs_kkt_solve.default, (K, 1.0, 1e-7, w, torch.randn(3, 3, 6, dtype=F64)))
 
 
 def test_direct_calls_check_their_inputs():
     K, labels = episode(2, 3, 2, 8)
     op = torch.ops.fastmaml.svm_cs_ipm
-    with pytest.raises(RuntimeError, match=r"kernel_reg must have shape \[T, n, n\]"):
-        op(K[:, :, :5], labels, 3, 0.1, 10, 1e-12)
+    with pytest.raises(RuntimeError, match=r"kernel must have shape \[T, n, n\]"):
+        op(K[:, :, :5], labels, 3, 0.1, 1.0, 0.0, 10, 1e-12)
     with pytest.raises(RuntimeError, match=r"labels must be int64 of shape \[2, 6\]"):
-        op(K, labels.int(), 3, 0.1, 10, 1e-12)
+        op(K, labels.int(), 3, 0.1, 1.0, 0.0, 10, 1e-12)
     with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 2\)"):
-        op(K, labels, 2, 0.1, 10, 1e-12)
+        op(K, labels, 2, 0.1, 1.0, 0.0, 10, 1e-12)
     with pytest.raises(RuntimeError, match="C must be finite and > 0"):
-        op(K, labels, 3, 0.0, 10, 1e-12)
+        op(K, labels, 3, 0.0, 1.0, 0.0, 10, 1e-12)
+    with pytest.raises(RuntimeError, match="diag_reg must be finite and >= 0"):
+        op(K, labels, 3, 0.1, -1.0, 0.0, 10, 1e-12)
     with pytest.raises(RuntimeError, match="weights must have shape"):
-        torch.ops.fastmaml.svm_cs_kkt_solve(K, torch.ones(2, 3, 5, dtype=F64), torch.ones(2, 3, 5, dtype=F64))
+        torch.ops.fastmaml.svm_cs_kkt_solve(K, 1.0, 0.0, torch.ones(2, 3, 5, dtype=F64), torch.ones(2, 3, 5, dtype=F64))
 
 
 def test_backend_choice():

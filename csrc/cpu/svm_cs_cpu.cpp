@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -91,6 +92,19 @@ void pack_group(const S* src, int64_t T_, int64_t row, int64_t W, int64_t g, S* 
   }
 }
 
+// Packs the kernels of group g with r_t = max(diag_reg, n * floor_eps * max_i |K_t[i, i]|) added
+// to their diagonals: Kr = K + r_t I (the same shift as heads.svm.regularized_kernel).
+template <typename T>
+void pack_kernel(const T* K, int64_t T_, int64_t n, int64_t W, int64_t g, double diag_reg, double floor_eps, T* dst) {
+  pack_group(K, T_, n * n, W, g, dst);
+  for (int64_t l = 0; l < W; ++l) {
+    T dmax = 0;
+    for (int64_t i = 0; i < n; ++i) dmax = std::max(dmax, std::abs(dst[(i * n + i) * W + l]));
+    const T shift = std::max(static_cast<T>(diag_reg), static_cast<T>(n * floor_eps) * dmax);
+    for (int64_t i = 0; i < n; ++i) dst[(i * n + i) * W + l] += shift;
+  }
+}
+
 template <typename S>
 void unpack_group(const S* src, int64_t T_, int64_t row, int64_t W, int64_t g, S* dst) {
   for (int64_t l = 0; l < W && g * W + l < T_; ++l) {
@@ -100,8 +114,8 @@ void unpack_group(const S* src, int64_t T_, int64_t row, int64_t W, int64_t g, S
 }
 
 template <typename T, int W, typename IpmFn>
-void run_ipm(const at::Tensor& Kc, const at::Tensor& lab, int64_t c, double C, int64_t max_iter, double tol,
-             IpmFn ipm, at::Tensor& z, at::Tensor& w, at::Tensor& status, at::Tensor& iterations, at::Tensor& pres,
+void run_ipm(const at::Tensor& Kc, double diag_reg, double floor_eps, const at::Tensor& lab, int64_t c, double C,
+             int64_t max_iter, double tol, IpmFn ipm, at::Tensor& z, at::Tensor& w, at::Tensor& status, at::Tensor& iterations, at::Tensor& pres,
              at::Tensor& dres, at::Tensor& gap) {
   const int64_t T_ = Kc.size(0), n = Kc.size(1), G = (T_ + W - 1) / W;
   const auto opts = Kc.options();
@@ -121,7 +135,7 @@ void run_ipm(const at::Tensor& Kc, const at::Tensor& lab, int64_t c, double C, i
     for (int64_t g = begin; g < end; ++g) {
       T* Kg = Kp_ + g * n * n * W;
       int64_t* Lg = Lp_ + g * n * W;
-      pack_group(K_, T_, n * n, W, g, Kg);
+      pack_kernel(K_, T_, n, W, g, diag_reg, floor_eps, Kg);
       pack_group(lab_, T_, n, W, g, Lg);
       const GroupResult<T, W> r = ipm(Kg, Lg, n, c, static_cast<T>(C), max_iter, static_cast<T>(tol),
                                       zp_ + g * c * n * W, wp_ + g * c * n * W);
@@ -140,7 +154,7 @@ void run_ipm(const at::Tensor& Kc, const at::Tensor& lab, int64_t c, double C, i
 }
 
 template <typename T, int W, typename KktFn>
-void run_kkt(const at::Tensor& Kc, const at::Tensor& wc, const at::Tensor& rc, KktFn kkt, at::Tensor& out) {
+void run_kkt(const at::Tensor& Kc, double diag_reg, double floor_eps, const at::Tensor& wc, const at::Tensor& rc, KktFn kkt, at::Tensor& out) {
   const int64_t T_ = Kc.size(0), n = Kc.size(1), c = wc.size(1), G = (T_ + W - 1) / W;
   const auto opts = Kc.options();
   at::Tensor Kp = at::empty({G, n * n * W}, opts), wp = at::empty({G, c * n * W}, opts);
@@ -151,7 +165,7 @@ void run_kkt(const at::Tensor& Kc, const at::Tensor& wc, const at::Tensor& rc, K
   at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const int64_t cnW = c * n * W;
-      pack_group(K_, T_, n * n, W, g, Kp_ + g * n * n * W);
+      pack_kernel(K_, T_, n, W, g, diag_reg, floor_eps, Kp_ + g * n * n * W);
       pack_group(w_, T_, c * n, W, g, wp_ + g * cnW);
       pack_group(r_, T_, c * n, W, g, rp_ + g * cnW);
       bool ok[W];
@@ -177,11 +191,17 @@ void check_kernel(const at::Tensor& K, const char* name) {
   TORCH_CHECK(K.size(0) >= 1 && K.size(1) >= 1, name, " must have T >= 1 and n >= 1, got ", K.sizes());
 }
 
+void check_shift(double diag_reg, double floor_eps) {
+  TORCH_CHECK(diag_reg >= 0 && std::isfinite(diag_reg), "diag_reg must be finite and >= 0, got ", diag_reg);
+  TORCH_CHECK(floor_eps >= 0 && std::isfinite(floor_eps), "floor_eps must be finite and >= 0, got ", floor_eps);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-svm_cs_ipm_cpu(const at::Tensor& kernel_reg, const at::Tensor& labels, int64_t n_way, double C, int64_t max_iter,
-               double tol) {
-  check_kernel(kernel_reg, "kernel_reg");
-  const int64_t T_ = kernel_reg.size(0), n = kernel_reg.size(1), c = n_way;
+svm_cs_ipm_cpu(const at::Tensor& kernel, const at::Tensor& labels, int64_t n_way, double C, double diag_reg,
+               double floor_eps, int64_t max_iter, double tol) {
+  check_kernel(kernel, "kernel");
+  check_shift(diag_reg, floor_eps);
+  const int64_t T_ = kernel.size(0), n = kernel.size(1), c = n_way;
   TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 2 && labels.size(0) == T_ && labels.size(1) == n,
               "labels must be int64 of shape [", T_, ", ", n, "], got ", labels.scalar_type(), " ", labels.sizes());
   TORCH_CHECK(labels.device().is_cpu(), "labels must be a CPU tensor");
@@ -189,7 +209,7 @@ svm_cs_ipm_cpu(const at::Tensor& kernel_reg, const at::Tensor& labels, int64_t n
   TORCH_CHECK(C > 0 && std::isfinite(C), "C must be finite and > 0, got ", C);
   TORCH_CHECK(max_iter >= 0, "max_iter must be >= 0, got ", max_iter);
   TORCH_CHECK(tol >= 0, "tol must be >= 0, got ", tol);
-  const at::Tensor Kc = kernel_reg.contiguous();
+  const at::Tensor Kc = kernel.contiguous();
   const at::Tensor lab = labels.contiguous();
   {
     const int64_t* p = lab.data_ptr<int64_t>();
@@ -205,58 +225,60 @@ svm_cs_ipm_cpu(const at::Tensor& kernel_reg, const at::Tensor& labels, int64_t n
   if (Kc.scalar_type() == at::kDouble) {
 #if FASTMAML_X86_DISPATCH
     if (isa == Isa::Avx512) {
-      run_ipm<double, 8>(Kc, lab, c, C, max_iter, tol, avx512_f64_ipm, z, w, status, iterations, pres, dres, gap);
+      run_ipm<double, 8>(Kc, diag_reg, floor_eps, lab, c, C, max_iter, tol, avx512_f64_ipm, z, w, status, iterations, pres, dres, gap);
     } else if (isa == Isa::Avx2) {
-      run_ipm<double, 4>(Kc, lab, c, C, max_iter, tol, avx2_f64_ipm, z, w, status, iterations, pres, dres, gap);
+      run_ipm<double, 4>(Kc, diag_reg, floor_eps, lab, c, C, max_iter, tol, avx2_f64_ipm, z, w, status, iterations, pres, dres, gap);
     } else
 #endif
-      run_ipm<double, 2>(Kc, lab, c, C, max_iter, tol, default_f64_ipm, z, w, status, iterations, pres, dres, gap);
+      run_ipm<double, 2>(Kc, diag_reg, floor_eps, lab, c, C, max_iter, tol, default_f64_ipm, z, w, status, iterations, pres, dres, gap);
   } else {
 #if FASTMAML_X86_DISPATCH
     if (isa == Isa::Avx512) {
-      run_ipm<float, 16>(Kc, lab, c, C, max_iter, tol, avx512_f32_ipm, z, w, status, iterations, pres, dres, gap);
+      run_ipm<float, 16>(Kc, diag_reg, floor_eps, lab, c, C, max_iter, tol, avx512_f32_ipm, z, w, status, iterations, pres, dres, gap);
     } else if (isa == Isa::Avx2) {
-      run_ipm<float, 8>(Kc, lab, c, C, max_iter, tol, avx2_f32_ipm, z, w, status, iterations, pres, dres, gap);
+      run_ipm<float, 8>(Kc, diag_reg, floor_eps, lab, c, C, max_iter, tol, avx2_f32_ipm, z, w, status, iterations, pres, dres, gap);
     } else
 #endif
-      run_ipm<float, 4>(Kc, lab, c, C, max_iter, tol, default_f32_ipm, z, w, status, iterations, pres, dres, gap);
+      run_ipm<float, 4>(Kc, diag_reg, floor_eps, lab, c, C, max_iter, tol, default_f32_ipm, z, w, status, iterations, pres, dres, gap);
   }
   (void)isa;
   return {z, w, status, iterations, pres, dres, gap};
 }
 
-at::Tensor svm_cs_kkt_solve_cpu(const at::Tensor& kernel_reg, const at::Tensor& weights, const at::Tensor& rhs) {
-  check_kernel(kernel_reg, "kernel_reg");
-  const int64_t T_ = kernel_reg.size(0), n = kernel_reg.size(1);
+at::Tensor svm_cs_kkt_solve_cpu(const at::Tensor& kernel, double diag_reg, double floor_eps, const at::Tensor& weights,
+                                const at::Tensor& rhs) {
+  check_kernel(kernel, "kernel");
+  check_shift(diag_reg, floor_eps);
+  const int64_t T_ = kernel.size(0), n = kernel.size(1);
   TORCH_CHECK(weights.dim() == 3 && weights.size(0) == T_ && weights.size(2) == n,
               "weights must have shape [", T_, ", c, ", n, "], got ", weights.sizes());
   const int64_t c = weights.size(1);
   TORCH_CHECK(rhs.sizes() == weights.sizes(), "rhs must have shape ", weights.sizes(), ", got ", rhs.sizes());
   for (const at::Tensor* t : {&weights, &rhs}) {
-    TORCH_CHECK(t->scalar_type() == kernel_reg.scalar_type() && t->device().is_cpu(),
-                "weights and rhs must be CPU tensors of dtype ", kernel_reg.scalar_type());
+    TORCH_CHECK(t->scalar_type() == kernel.scalar_type() && t->device().is_cpu(),
+                "weights and rhs must be CPU tensors of dtype ", kernel.scalar_type());
   }
-  const at::Tensor Kc = kernel_reg.contiguous(), wc = weights.contiguous(), rc = rhs.contiguous();
+  const at::Tensor Kc = kernel.contiguous(), wc = weights.contiguous(), rc = rhs.contiguous();
   at::Tensor out = at::empty({T_, c, n}, Kc.options());
   const Isa isa = cpu_isa();
   if (Kc.scalar_type() == at::kDouble) {
 #if FASTMAML_X86_DISPATCH
     if (isa == Isa::Avx512) {
-      run_kkt<double, 8>(Kc, wc, rc, avx512_f64_kkt, out);
+      run_kkt<double, 8>(Kc, diag_reg, floor_eps, wc, rc, avx512_f64_kkt, out);
     } else if (isa == Isa::Avx2) {
-      run_kkt<double, 4>(Kc, wc, rc, avx2_f64_kkt, out);
+      run_kkt<double, 4>(Kc, diag_reg, floor_eps, wc, rc, avx2_f64_kkt, out);
     } else
 #endif
-      run_kkt<double, 2>(Kc, wc, rc, default_f64_kkt, out);
+      run_kkt<double, 2>(Kc, diag_reg, floor_eps, wc, rc, default_f64_kkt, out);
   } else {
 #if FASTMAML_X86_DISPATCH
     if (isa == Isa::Avx512) {
-      run_kkt<float, 16>(Kc, wc, rc, avx512_f32_kkt, out);
+      run_kkt<float, 16>(Kc, diag_reg, floor_eps, wc, rc, avx512_f32_kkt, out);
     } else if (isa == Isa::Avx2) {
-      run_kkt<float, 8>(Kc, wc, rc, avx2_f32_kkt, out);
+      run_kkt<float, 8>(Kc, diag_reg, floor_eps, wc, rc, avx2_f32_kkt, out);
     } else
 #endif
-      run_kkt<float, 4>(Kc, wc, rc, default_f32_kkt, out);
+      run_kkt<float, 4>(Kc, diag_reg, floor_eps, wc, rc, default_f32_kkt, out);
   }
   (void)isa;
   return out;

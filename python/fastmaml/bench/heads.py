@@ -508,7 +508,7 @@ def main(argv=None):
         repeats = args.repeats or 3
         ridge_cfg = [(8, 5, 5, 75, 1600), (256, 5, 5, 75, 1600), (256, 5, 5, 75, 16000)]
         qp_cfg = [(8, 5, 1, 1600), (8, 5, 5, 1600)]
-        e2e_cfg = [(8, 5, 1, 75, 1600), (8, 5, 5, 75, 16000)]
+        e2e_cfg = [(8, 5, 1, 75, 1600), (8, 5, 5, 75, 1600), (8, 5, 5, 75, 16000)]
         qpth_iters = (3,)
     else:
         repeats = args.repeats or 5

@@ -320,8 +320,10 @@ def failed_mask(status: Tensor) -> Tensor:
 
 def mask_failed(z: Tensor, status: Tensor) -> Tensor:
     """NaN rows for the tasks without a usable solution (infeasible, unbounded, numerical error)."""
-    failed = failed_mask(status)[:, None]
-    return torch.where(failed, torch.full_like(z, float("nan")), z)
+    failed = failed_mask(status)
+    if not bool(failed.any()):
+        return z
+    return torch.where(failed[:, None], torch.full_like(z, float("nan")), z)
 
 
 def raise_if_failed(status: Tensor, op: str, allow_max_iter: bool = True) -> None:

@@ -107,16 +107,16 @@ def _register_native_fakes():
         return
 
     @torch.library.register_fake("fastmaml::svm_cs_ipm")
-    def _(kernel_reg, labels, n_way, C, max_iter, tol):
-        T, n = kernel_reg.shape[0], kernel_reg.shape[1]
-        z = kernel_reg.new_empty(T, n_way, n)
-        per_task = kernel_reg.new_empty(T)
+    def _(kernel, labels, n_way, C, diag_reg, floor_eps, max_iter, tol):
+        T, n = kernel.shape[0], kernel.shape[1]
+        z = kernel.new_empty(T, n_way, n)
+        per_task = kernel.new_empty(T)
         as_int = labels.new_empty(T)
         return z, torch.empty_like(z), as_int, torch.empty_like(as_int), per_task, torch.empty_like(per_task), \
             torch.empty_like(per_task)
 
     @torch.library.register_fake("fastmaml::svm_cs_kkt_solve")
-    def _(kernel_reg, weights, rhs):
+    def _(kernel, diag_reg, floor_eps, weights, rhs):
         return torch.empty_like(rhs, memory_format=torch.contiguous_format)
 
 
@@ -127,11 +127,11 @@ class _CrammerSingerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, K, labels, n_way, C, diag_reg, max_iter, tol, input_eps, backend):
         T, n, _ = K.shape
-        Kr = regularized_kernel(K, diag_reg, input_eps)  # [T, n, n]
-        if backend == "cpu":
-            z, w, status, its, pres, dres, gap = torch.ops.fastmaml.svm_cs_ipm(Kr, labels, n_way, C, max_iter, tol)
+        if backend == "cpu":  # K + r I is formed inside the kernel
+            z, w, status, its, pres, dres, gap = torch.ops.fastmaml.svm_cs_ipm(
+                K, labels, n_way, C, diag_reg, input_eps, max_iter, tol)
             z = mask_failed(z.reshape(T, -1), status)
-            ctx.native = (Kr, w)
+            ctx.native = (diag_reg, input_eps, w)
         else:
             kkt = CrammerSingerKKT(K, n_way, diag_reg, input_eps)
             y_cm = torch.nn.functional.one_hot(labels, n_way).to(K.dtype).mT.reshape(T, -1)  # [T, c n]
@@ -151,18 +151,24 @@ class _CrammerSingerFunction(torch.autograd.Function):
     @staticmethod
     @first_order_only("svm_crammer_singer_solve")
     def backward(ctx, g_alpha, *_):
-        z, status = ctx.saved_tensors[:2]
+        z, status, K = ctx.saved_tensors
         T, n, c = g_alpha.shape[0], g_alpha.shape[1], ctx.n_way
-        ok = ~failed_mask(status)
-        gz = torch.where(ok[:, None, None], g_alpha, torch.zeros_like(g_alpha)).mT  # [T, c, n]
+        failed = failed_mask(status)
+        any_failed = bool(failed.any())
+        if any_failed:  # failed tasks (NaN solutions) get zero gradients
+            ok = ~failed
+            g_alpha = torch.where(ok[:, None, None], g_alpha, torch.zeros_like(g_alpha))
+            z = torch.where(ok[:, None], z, torch.zeros_like(z))
+        gz = g_alpha.mT  # [T, c, n]
         # Adjoint KKT system = the Newton system at the solution (one more solve).
         if ctx.native is not None:
-            Kr, w = ctx.native
-            dz = torch.ops.fastmaml.svm_cs_kkt_solve(Kr, w, -gz.contiguous()).reshape(T, -1)
+            diag_reg, input_eps, w = ctx.native
+            dz = torch.ops.fastmaml.svm_cs_kkt_solve(K, diag_reg, input_eps, w, -gz.contiguous()).reshape(T, -1)
         else:
             dz, _, _ = ctx.kkt.solve(ctx.fac, -gz.reshape(T, -1), gz.new_zeros(T, n))
-        dZ = torch.where(ok[:, None], dz, torch.zeros_like(dz)).reshape(T, c, n)
-        Z = torch.where(ok[:, None], z, torch.zeros_like(z)).reshape(T, c, n)
+        if any_failed:
+            dz = torch.where(ok[:, None], dz, torch.zeros_like(dz))
+        dZ, Z = dz.reshape(T, c, n), z.reshape(T, c, n)
         # Q = I_c (x) (K + r I): grad_K = sum_k sym(dz_k a_k^T).
         gK = dZ.mT @ Z
         gK = 0.5 * (gK + gK.mT)
