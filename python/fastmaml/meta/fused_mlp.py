@@ -37,7 +37,7 @@ Derivative conventions follow autograd's: ReLU' (0) = 0, LeakyReLU'(0) = the slo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import torch
@@ -75,6 +75,8 @@ class MLPPlan:
     loss: str
     in_features: int
     out_features: int
+    shapes: dict = field(default_factory=dict, compare=False)  # (is_adapted, index) -> parameter shape
+    owner: object = field(default=None, compare=False)  # the TaskModel (holds the reusable first-step state)
     module_fixed: tuple = ()  # the model's own fixed tensors, when a call passes none
 
 
@@ -145,7 +147,27 @@ def _build(task_model):
         return None, "the model has no Linear layer"
     if used != set(slot):
         return None, "the model has parameters outside its Linear layers"
-    return MLPPlan(tuple(layers), loss, linears[0].in_features, linears[-1].out_features), None
+    named = dict(model.named_parameters())
+    shapes = {where: tuple(named[name].shape) for name, where in slot.items()}
+    return MLPPlan(tuple(layers), loss, linears[0].in_features, linears[-1].out_features, shapes, task_model), None
+
+
+def _fingerprint(task_model) -> tuple:
+    """What ``_build`` depends on, cheaply (it runs on every call): module identities and types,
+    parameter identities and shapes, hooks, the loss and its settings, the adapted names."""
+    model, loss_fn = task_model.model, task_model.loss_fn
+    loss = (id(loss_fn), getattr(loss_fn, "reduction", None), getattr(loss_fn, "label_smoothing", None),
+            id(getattr(loss_fn, "weight", None)), isinstance(loss_fn, nn.Module) and _has_hooks(loss_fn))
+    children = []
+    for key, m in model._modules.items():
+        if m is None:
+            children.append(None)
+            continue
+        params = tuple((name, id(p), None if p is None else p.shape) for name, p in m._parameters.items())
+        children.append((key, id(m), type(m), _has_hooks(m), params, len(m._modules),
+                         getattr(m, "negative_slope", None)))
+    return (loss, type(model), tuple(model._parameters), _has_hooks(model), _global_hooks(), task_model.context,
+            task_model.adapt_names, tuple(children))
 
 
 def why_not(task_model) -> Optional[str]:
@@ -155,9 +177,15 @@ def why_not(task_model) -> Optional[str]:
 
 def plan_for(task_model) -> Optional[MLPPlan]:
     """The fused plan for a ``TaskModel``, or ``None`` when the model or loss is not supported
-    (``why_not`` says why). Rebuilt on every call (cheap): the model may gain hooks or change
-    children between calls."""
-    return _build(task_model)[0]
+    (``why_not`` says why). Cached on the TaskModel and rebuilt when the model changes (children,
+    parameters, hooks, loss settings)."""
+    key = _fingerprint(task_model)
+    cached = getattr(task_model, "_fused_plan", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    plan = _build(task_model)[0]
+    task_model._fused_plan = (key, plan)
+    return plan
 
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -187,7 +215,7 @@ def plan_for_call(task_loss, params: Sequence[Tensor], fixed: Sequence[Tensor], 
         return None
     if len(params) != len(task_model.adapt_names) or len(fixed) not in (0, len(task_model.fixed_names)):
         return None
-    shapes = _param_shapes(task_model)
+    shapes = plan.shapes
     module_fixed = ()
     if not fixed and task_model.fixed_names:
         module_fixed = tuple(t.detach() for t in task_model.theta_fixed())
@@ -211,11 +239,56 @@ def plan_for_call(task_loss, params: Sequence[Tensor], fixed: Sequence[Tensor], 
     return replace(plan, module_fixed=module_fixed) if module_fixed else plan
 
 
-def _param_shapes(task_model) -> dict:
-    named = dict(task_model.model.named_parameters())
-    shapes = {(True, i): tuple(named[n].shape) for i, n in enumerate(task_model.adapt_names)}
-    shapes.update({(False, i): tuple(named[n].shape) for i, n in enumerate(task_model.fixed_names)})
-    return shapes
+class LowRank:
+    """Per-task weight gradients ``G_t = D_t^T H_t`` kept as their factors.
+
+    A linear layer's gradient on N samples has rank <= N: for the sinusoid net (N = 10, 40 x 40
+    weights) the factors ``D [T, N, out]`` and ``H [T, N, in]`` are half the size of ``G [T, out,
+    in]``, and what the backward of MAML does with the query gradient (scale it per task, take
+    ``sum_t <G_t, g_t>``, use it as the HVP direction, sum it over tasks) never needs ``G`` itself.
+    The engine asks ``batched_grad(..., low_rank=True)`` for it; only the fused path returns it.
+    """
+
+    __slots__ = ("d", "h")
+
+    def __init__(self, d: Tensor, h: Tensor):
+        self.d, self.h = d, h
+
+    @property
+    def shape(self):
+        return torch.Size((self.d.shape[0], self.d.shape[2], self.h.shape[2]))
+
+    def dense(self) -> Tensor:
+        return torch.bmm(self.d.transpose(1, 2), self.h)
+
+    def scale(self, a) -> "LowRank":
+        """``a G_t`` for a float or a one-element tensor, or ``a_t G_t`` for a ``[T]`` tensor."""
+        if isinstance(a, Tensor) and a.dim() == 1:
+            a = a.reshape(-1, 1, 1)
+        return LowRank(self.d * a, self.h)
+
+    def task_dot(self, g) -> Tensor:
+        """``<G_t, g_t>`` for every task (``[T]``), ``g`` dense ``[T, out, in]`` or another ``LowRank``."""
+        if isinstance(g, LowRank):  # sum((D D'^T) * (H H'^T)): N x N' per task
+            return (torch.bmm(self.d, g.d.transpose(1, 2)) * torch.bmm(self.h, g.h.transpose(1, 2))).sum((1, 2))
+        return (torch.bmm(self.h, g.transpose(1, 2)) * self.d).sum((1, 2))  # sum_n d_n . (g h_n)
+
+    def sum_tasks(self) -> Tensor:
+        """``sum_t G_t``: one matmul over all tasks' samples."""
+        return _outer(self.d, self.h, True)
+
+    def times_transposed(self, x: Tensor) -> Tensor:
+        """``x G_t^T`` per task (``x [T, M, in]``): ``(x H^T) D``."""
+        return torch.bmm(torch.bmm(x, self.h.transpose(1, 2)), self.d)
+
+    def times(self, x: Tensor) -> Tensor:
+        """``x G_t`` per task (``x [T, M, out]``): ``(x D^T) H``."""
+        return torch.bmm(torch.bmm(x, self.d.transpose(1, 2)), self.h)
+
+
+def dense(t):
+    """A ``LowRank`` as its ``[T, out, in]`` tensor; anything else unchanged."""
+    return t.dense() if isinstance(t, LowRank) else t
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,12 +300,21 @@ def _rows(h: Tensor) -> Tensor:
     return h.reshape(-1, h.shape[-1])
 
 
-def _affine(h: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
-    """``h W^T + b`` per task."""
-    if w.dim() == 2:  # shared: one matmul over all T * N rows
+def _affine(h: Tensor, w, b: Optional[Tensor]) -> Tensor:
+    """``h W^T + b`` per task (``W`` may be a ``LowRank`` direction)."""
+    if isinstance(w, LowRank):
+        out = w.times_transposed(h)
+        return out if b is None else out.add_(b.unsqueeze(1) if b.dim() == 2 else b)
+    num_tasks, n = h.shape[0], h.shape[1]
+    out_f, in_f = w.shape[-2], w.shape[-1]
+    if in_f == 1:  # an outer product (the sinusoid net's first layer): a broadcast, not a matmul
+        out = h * (w.t() if w.dim() == 2 else w.mT)
+    elif w.dim() == 2:  # shared: one matmul over all T * N rows
         if b is not None and b.dim() == 1:
-            return torch.addmm(b, _rows(h), w.t()).reshape(h.shape[0], h.shape[1], w.shape[0])
-        out = torch.mm(_rows(h), w.t()).reshape(h.shape[0], h.shape[1], w.shape[0])
+            return torch.addmm(b, _rows(h), w.t()).reshape(num_tasks, n, out_f)
+        out = torch.mm(_rows(h), w.t()).reshape(num_tasks, n, out_f)
+    elif out_f == 1:  # one output per task: a dot product per row
+        out = (h * w).sum(2, keepdim=True)
     else:
         # matmul with a transposed view, then the bias: ~0.75 ms; baddbmm ~1.2 ms
         out = torch.matmul(h, w.mT)
@@ -241,10 +323,17 @@ def _affine(h: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
     return out
 
 
-def _back(delta: Tensor, w: Tensor) -> Tensor:
+def _back(delta: Tensor, w) -> Tensor:
     """``delta W`` per task: the gradient flowing into a linear layer's input."""
+    if isinstance(w, LowRank):
+        return w.times(delta)
+    out_f, in_f = w.shape[-2], w.shape[-1]
+    if out_f == 1:  # [T, N, 1] times [1, in]: a broadcast
+        return delta * w
     if w.dim() == 2:
-        return torch.mm(_rows(delta), w).reshape(delta.shape[0], delta.shape[1], w.shape[1])
+        return torch.mm(_rows(delta), w).reshape(delta.shape[0], delta.shape[1], in_f)
+    if in_f == 1:
+        return (delta * w.mT).sum(2, keepdim=True)
     return torch.bmm(delta, w)
 
 
@@ -253,6 +342,10 @@ def _outer(delta: Tensor, h: Tensor, sum_tasks: bool) -> Tensor:
     all rows, no per-task tensor."""
     if sum_tasks:
         return torch.mm(_rows(delta).t(), _rows(h))
+    if delta.shape[2] == 1:  # one output: sum over samples of delta_n h_n
+        return (delta * h).sum(1).unsqueeze(1)
+    if h.shape[2] == 1:
+        return (delta * h).sum(1).unsqueeze(2)
     return torch.bmm(delta.transpose(1, 2), h)
 
 
@@ -342,8 +435,32 @@ def _needed_from(plan: MLPPlan, want) -> int:
     return len(plan.layers)
 
 
+class _State:
+    """The forward and backward pass of one gradient call, kept for an HVP at the same point.
+
+    The engine's first inner step takes the support gradient at ``theta`` (shared by the tasks);
+    its backward recursion ends with an HVP at that same point. Keeping this pass (one step's
+    activations) saves the HVP its own forward and backward pass.
+    """
+
+    __slots__ = ("key", "refs", "saved", "deltas", "probs", "stop")
+
+    def __init__(self, key, refs, saved, deltas, probs, stop):
+        self.key, self.refs, self.saved, self.deltas, self.probs, self.stop = key, refs, saved, deltas, probs, stop
+
+
+def _state_key(tensors: Sequence[Tensor]) -> tuple:
+    # Storage and version identify the data: the state holds references to these tensors, so no
+    # other tensor can reuse their memory, and an in-place change bumps the version.
+    return tuple((t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors)
+
+
+def _point(params, fixed, plan, x, y) -> list:
+    return [*params, *(fixed or plan.module_fixed), x, y]
+
+
 def grad(plan: MLPPlan, params: Sequence[Tensor], fixed: Sequence[Tensor], x: Tensor, y: Tensor, *,
-         wrt_fixed: bool = False):
+         wrt_fixed: bool = False, low_rank: bool = False, keep_state: bool = False):
     """Per-task losses and gradients, as ``fastmaml.meta.hvp.batched_grad`` returns them.
 
     Args:
@@ -352,6 +469,10 @@ def grad(plan: MLPPlan, params: Sequence[Tensor], fixed: Sequence[Tensor], x: Te
         fixed: tensors shared by the tasks.
         x, y: the tasks' data ``[T, N, ...]``.
         wrt_fixed: also return the per-task gradients w.r.t. ``fixed``.
+        low_rank: return the adapted weights' gradients as ``LowRank`` factors (copies of the
+            backward signal and the layer input) instead of ``[T, out, in]`` tensors.
+        keep_state: keep this pass on the plan's TaskModel for the next ``hvp`` at the same point
+            (which consumes it).
 
     Returns:
         ``(losses [T], grads_params, grads_fixed)``, gradients ``[T, ...]``.
@@ -359,24 +480,46 @@ def grad(plan: MLPPlan, params: Sequence[Tensor], fixed: Sequence[Tensor], x: Te
     p = _Params(plan, params, fixed)
     report_fixed = wrt_fixed and len(fixed) > 0
     want = (lambda where: where is not None and (where[0] or report_fixed))  # noqa: E731
-    out, saved = _forward(plan, p, x, second=False)
-    losses, delta, _ = _loss_and_delta(plan, out, y)
+    out, saved = _forward(plan, p, x, second=keep_state)
+    losses, delta, probs = _loss_and_delta(plan, out, y)
     grads = {}
-    stop = _needed_from(plan, want)
+    # with keep_state, the pass goes down to the first layer (the HVP's mixed block may need it)
+    stop = _needed_from(plan, (lambda where: where is not None) if keep_state else want)  # noqa: E731
+    deltas = [None] * len(plan.layers)
     for i in range(len(plan.layers) - 1, stop - 1, -1):
         layer = plan.layers[i]
+        deltas[i] = delta
         if isinstance(layer, Linear):
             if want(layer.weight):
-                grads[layer.weight] = _outer(delta, saved[i], False)
+                # factors only pay where they are smaller than the block (thin layers broadcast instead)
+                factored = low_rank and layer.weight[0] and min(layer.in_features, layer.out_features) > x.shape[1]
+                grads[layer.weight] = LowRank(delta, saved[i]) if factored else _outer(delta, saved[i], False)
             if want(layer.bias):
                 grads[layer.bias] = _bias_grad(delta, False)
             if i > stop:
                 delta = _back(delta, p.get(layer.weight))
         else:
-            delta = delta.mul_(saved[i][0])  # delta is a temporary of this pass
+            d, c = saved[i]
+            # in place, except where the state keeps delta_h for the f'' term of the HVP (a LowRank
+            # factor only ever holds a Linear layer's output delta, which _back has already copied)
+            delta = delta * d if (keep_state and c is not None) else delta.mul_(d)
+    if keep_state and plan.owner is not None:
+        point = _point(params, fixed, plan, x, y)
+        plan.owner._fused_state = _State(_state_key(point), point, saved, deltas, probs, stop)
     ga = [grads[(True, i)] for i in range(len(params))]
     gf = [grads[(False, i)] for i in range(len(fixed))] if report_fixed else []
     return losses, ga, gf
+
+
+def _take_state(plan: MLPPlan, params, fixed, x, y, stop: int) -> Optional[_State]:
+    """The state kept by ``grad(keep_state=True)`` at this very point, removed from its owner."""
+    state = getattr(plan.owner, "_fused_state", None)
+    if state is None:
+        return None
+    plan.owner._fused_state = None
+    if state.stop > stop or state.key != _state_key(_point(params, fixed, plan, x, y)):
+        return None
+    return state
 
 
 def hvp(plan: MLPPlan, params: Sequence[Tensor], fixed: Sequence[Tensor], v: Sequence[Tensor], x: Tensor,
@@ -387,7 +530,7 @@ def hvp(plan: MLPPlan, params: Sequence[Tensor], fixed: Sequence[Tensor], v: Seq
         plan: from ``plan_for_call``.
         params: the point, ``[T, ...]`` or shared (no task dimension).
         fixed: tensors shared by the tasks (no direction on them).
-        v: the direction ``[T, ...]`` for ``params``.
+        v: the direction ``[T, ...]`` for ``params`` (tensors or ``LowRank``).
         x, y: the tasks' data.
         sum_tasks: return ``sum_t H_t v_t`` (no task dimension): the weight blocks are then one
             matmul over all tasks' rows instead of T outer products.
@@ -400,7 +543,14 @@ def hvp(plan: MLPPlan, params: Sequence[Tensor], fixed: Sequence[Tensor], v: Seq
     direction = _Params(plan, v, None)
     # H_aa v for the adapted tensors and, when fixed ones are passed, the mixed block H_fa v
     want = (lambda where: where is not None and (where[0] or len(fixed) > 0))  # noqa: E731
-    out, saved = _forward(plan, p, x, second=True)
+    stop = _needed_from(plan, want)
+    state = _take_state(plan, params, fixed, x, y, stop)
+    if state is not None:
+        saved, deltas, probs = state.saved, state.deltas, state.probs
+    else:
+        out, saved = _forward(plan, p, x, second=True)
+        _, delta, probs = _loss_and_delta(plan, out, y, want_losses=False)
+        deltas = None
     # R-forward: R{h} is None (zero) until the first layer with a direction
     r_h, r_saved = None, []
     for i, layer in enumerate(plan.layers):
@@ -419,12 +569,13 @@ def hvp(plan: MLPPlan, params: Sequence[Tensor], fixed: Sequence[Tensor], v: Seq
             d, c = saved[i]
             r_saved.append(r_h)  # R{z}, the activation's input: the f'' term needs it
             r_h = None if r_h is None else (r_h * d if c is not None else r_h.mul_(d))
-    _, delta, probs = _loss_and_delta(plan, out, y, want_losses=False)
-    r_delta = torch.zeros_like(delta) if r_h is None else _loss_r(plan, r_h, probs)
+    n_out = plan.out_features
+    r_delta = (x.new_zeros(x.shape[0], x.shape[1], n_out) if r_h is None else _loss_r(plan, r_h, probs))
     hv = {}
-    stop = _needed_from(plan, want)
     for i in range(len(plan.layers) - 1, stop - 1, -1):
         layer = plan.layers[i]
+        if deltas is not None:
+            delta = deltas[i]
         if isinstance(layer, Linear):
             h_in, r_h_in = saved[i], r_saved[i]
             if want(layer.weight):
@@ -439,7 +590,8 @@ def hvp(plan: MLPPlan, params: Sequence[Tensor], fixed: Sequence[Tensor], v: Seq
                 r_delta = _back(r_delta, w)
                 if dw is not None:
                     r_delta.add_(_back(delta, dw))
-                delta = _back(delta, w)
+                if deltas is None:
+                    delta = _back(delta, w)
         else:
             d, c = saved[i]
             r_z = r_saved[i]
@@ -447,7 +599,8 @@ def hvp(plan: MLPPlan, params: Sequence[Tensor], fixed: Sequence[Tensor], v: Seq
                 r_delta = r_delta.add_(c * r_z * delta).mul_(d)
             else:
                 r_delta = r_delta.mul_(d)
-            delta = delta.mul_(d)
+            if deltas is None:
+                delta = delta.mul_(d)
     hv_a = [hv[(True, i)] for i in range(len(params))]
     hv_f = [hv[(False, i)] for i in range(len(fixed))] if fixed else []
     return hv_a, hv_f

@@ -232,7 +232,8 @@ def _in_dims(n_task_args: int, shared_params: bool = False):
 
 
 def batched_grad(task_loss: TaskLoss, params: Sequence[Tensor], fixed: Sequence[Tensor], *task_args: Tensor,
-                 wrt_fixed: bool = False, shared_params: bool = False, batching: str = "vmap"):
+                 wrt_fixed: bool = False, shared_params: bool = False, batching: str = "vmap",
+                 low_rank: bool = False, keep_state: bool = False):
     """Per-task gradients ``vmap(grad(L))`` (or ``grad(L)`` in a loop over tasks).
 
     Args:
@@ -244,7 +245,12 @@ def batched_grad(task_loss: TaskLoss, params: Sequence[Tensor], fixed: Sequence[
         shared_params: ``params`` have no task dimension: every task starts from the same point
             (the first inner step from ``theta``). Layers then run once on all tasks' data
             (a plain conv / matmul instead of a grouped / batched one).
-        batching: ``"vmap"``, ``"loop"`` (over tasks) or ``"auto"`` (see ``resolve_batching``).
+        batching: ``"vmap"``, ``"loop"`` (over tasks), ``"auto"`` (see ``resolve_batching``) or
+            ``"fused_mlp"`` (``fastmaml.meta.fused_mlp`` where it applies, else as ``"auto"``).
+        low_rank: allow the fused MLP path to return adapted weights' gradients as
+            ``fastmaml.meta.fused_mlp.LowRank`` factors (``hvp`` takes them as directions).
+        keep_state: let the fused MLP path keep this pass for the next ``hvp`` at the same point
+            (the engine's last backward step is an HVP at its first inner step's point).
 
     Returns:
         ``(losses [T], grads_params, grads_fixed)``; ``grads_fixed`` is ``[]`` unless ``wrt_fixed``.
@@ -259,7 +265,8 @@ def batched_grad(task_loss: TaskLoss, params: Sequence[Tensor], fixed: Sequence[
 
     plan = fused_plan(batching, task_loss, params, fixed, task_args, shared_params)
     if plan is not None:
-        return fused_mlp.grad(plan, params, fixed, *task_args, wrt_fixed=wrt)
+        return fused_mlp.grad(plan, params, fixed, *task_args, wrt_fixed=wrt, low_rank=low_rank,
+                              keep_state=keep_state)
 
     def with_aux(p, f, *args):
         loss = task_loss(p, f, *args)
@@ -343,6 +350,11 @@ def hvp(task_loss: TaskLoss, params: Sequence[Tensor], v: Sequence[Tensor], *tas
         >>> hv, _ = hvp(tm.task_loss, phi, v, xs, ys, mode="exact")
     """
     mode = resolve_hvp_mode(mode)
+    if any(isinstance(t, fused_mlp.LowRank) for t in v):  # factored directions from batched_grad(low_rank=True)
+        plan = fused_plan(batching, task_loss, params, fixed, task_args, shared_params)
+        if plan is not None and mode in ("exact", "forward_over_reverse", "reverse_over_reverse"):
+            return fused_mlp.hvp(plan, params, fixed, v, *task_args, sum_tasks=sum_tasks)
+        v = [fused_mlp.dense(t) for t in v]
     params = V.check_tensor_list(params, "params")
     v = V.check_tensor_list(v, "v")
     V.check_same_length(params=params, v=v)

@@ -138,7 +138,8 @@ def _step_from_shared(theta: Sequence[Tensor], grads: Sequence[Tensor], step: Se
 def run_inner_loop(task_model: TaskModel, phi0: Sequence[Tensor], fixed: Sequence[Tensor],
                    support: tuple[Tensor, Tensor], per_step: Sequence[Sequence], *, keep_history: bool = False,
                    history_fixed_grads: bool = False, prox: Optional[float] = None,
-                   check_finite: bool = True, shared_start: bool = False, batching: str = "auto"):
+                   check_finite: bool = True, shared_start: bool = False, batching: str = "auto",
+                   keep_first_state: bool = False):
     """K batched inner steps without an autograd graph (the forward pass of the meta-gradient engines).
 
     Args:
@@ -155,7 +156,10 @@ def run_inner_loop(task_model: TaskModel, phi0: Sequence[Tensor], fixed: Sequenc
         prox: iMAML's ``lam``: minimize ``L + lam/2 ||phi - phi0||^2`` instead.
         check_finite: raise naming the task when a support loss is not finite.
         shared_start: ``phi0`` has no task dimension.
-        batching: ``"auto"``, ``"vmap"`` or ``"loop"`` over tasks (``fastmaml.meta.hvp.resolve_batching``).
+        batching: ``"auto"``, ``"vmap"``, ``"loop"``, ``"stacked"`` or ``"fused_mlp"`` over tasks
+            (``fastmaml.meta.hvp``).
+        keep_first_state: the fused MLP path keeps the first step's pass for an HVP at ``phi_0``
+            (second-order MAML's last backward step); ignored by the other batchings.
 
     Returns:
         ``(phi_K, history, support_losses)``: ``phi_K`` is ``[T, ...]``; ``support_losses`` a
@@ -170,7 +174,8 @@ def run_inner_loop(task_model: TaskModel, phi0: Sequence[Tensor], fixed: Sequenc
     for k, step in enumerate(per_step):
         with torch.no_grad():
             loss, g, gf = batched_grad(task_model.task_loss, phi, fixed, *support,
-                                       wrt_fixed=history_fixed_grads, shared_params=shared, batching=batching)
+                                       wrt_fixed=history_fixed_grads, shared_params=shared, batching=batching,
+                                       keep_state=keep_first_state and k == 0)
         if check_finite:
             check_losses_finite(loss, f"inner step {k} (support loss)")
         losses.append(loss)

@@ -25,10 +25,12 @@ from torch import Tensor
 
 from ..ops.multi_tensor import task_axpby
 from .functional import TaskModel, check_losses_finite
+from .fused_mlp import LowRank, dense
 from .hvp import batched_grad, hvp
 from .inner_loop import run_inner_loop
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "imaml")
+_EXACT_MODES = ("exact", "forward_over_reverse", "reverse_over_reverse")
 
 
 @dataclass
@@ -80,10 +82,14 @@ class MetaGradient(torch.autograd.Function):
             phi, history, sup_losses = run_inner_loop(tm, phi0, fixed, cfg.support, per_step, keep_history=keep,
                                                       history_fixed_grads=fd_reuse and n_f > 0,
                                                       check_finite=cfg.check_finite, shared_start=True,
-                                                      batching=cfg.batching)
+                                                      batching=cfg.batching,
+                                                      keep_first_state=second and cfg.hvp_mode in _EXACT_MODES)
             if cfg.query is not None:
+                # FOMAML and exact MAML only scale, dot, sum the query gradient and use it as an HVP
+                # direction: the fused MLP path may keep its weight blocks as LowRank factors
+                low_rank = cfg.algorithm == "fomaml" or (second and cfg.hvp_mode in _EXACT_MODES)
                 q_losses, gq_a, gq_f = batched_grad(tm.task_loss, phi, fixed, *cfg.query, wrt_fixed=n_f > 0,
-                                                    batching=cfg.batching)
+                                                    batching=cfg.batching, low_rank=low_rank)
             else:  # Reptile without query: report the adapted support loss
                 q_losses, gq_a, gq_f = batched_grad(tm.task_loss, phi, fixed, *cfg.support, wrt_fixed=False,
                                                     batching=cfg.batching)
@@ -116,7 +122,8 @@ class MetaGradient(torch.autograd.Function):
             grad_f = [None] * n_f  # Reptile does not move what the inner loop does not adapt
             return (None, *grad_a, *grad_f, *grad_lr)
 
-        v = [_per_task(w, g) * g for g in gq_a]  # [T, ...] each
+        # [T, ...] each (LowRank factors stay factored while only scaled, dotted, summed)
+        v = [g.scale(w) if isinstance(g, LowRank) else _per_task(w, g) * g for g in gq_a]
         v_summed = False
         per_step = [_resolve_step(s, lr_tensors) for s in cfg.per_step]
         tm = cfg.task_model
@@ -126,13 +133,17 @@ class MetaGradient(torch.autograd.Function):
             # d/dalpha_k = -sum_t v_{k+1} * g_k
             for a_ref, a, vi, gi in zip(cfg.per_step[k], step, v, g_k):
                 if isinstance(a_ref, LrRef):
-                    prod = vi * gi
-                    red = prod.sum() if a.numel() == 1 else prod.sum(0)
+                    if isinstance(vi, LowRank) and a.numel() == 1:
+                        red = vi.task_dot(gi).sum()
+                    else:
+                        prod = dense(vi) * gi
+                        red = prod.sum() if a.numel() == 1 else prod.sum(0)
                     j = int(a_ref)
                     grad_lr[j] = -red.reshape(a.shape) if grad_lr[j] is None else grad_lr[j] - red.reshape(a.shape)
             if cfg.algorithm == "fomaml":
                 continue
-            u = [vi * a for vi, a in zip(v, step)]  # alpha_k * v_{k+1}
+            u = [vi.scale(a) if isinstance(vi, LowRank) and (not isinstance(a, Tensor) or a.numel() == 1)
+                 else dense(vi) * a for vi, a in zip(v, step)]  # alpha_k * v_{k+1}
             # At the shared start (k = 0) only sum_t v_0 is used: ask for sum_t H u directly (the
             # fused MLP path then forms no per-task Hessian blocks).
             summed = shared_k
@@ -141,13 +152,15 @@ class MetaGradient(torch.autograd.Function):
                                  saved_grad=(g_k + gf_k) if ctx.fd_reuse else None, fd_dtype=cfg.fd_dtype,
                                  shared_params=shared_k, batching=cfg.batching, sum_tasks=summed)
             if summed:
-                v = [vi.sum(0) - h for vi, h in zip(v, hv_a)]  # sum_t (v - H u)
+                v = [(vi.sum_tasks() if isinstance(vi, LowRank) else vi.sum(0)) - h
+                     for vi, h in zip(v, hv_a)]  # sum_t (v - H u)
                 v_summed = True
             else:
-                v = task_axpby(v, hv_a, 1.0, check_finite=False)  # v - H u
+                v = task_axpby([dense(vi) for vi in v], hv_a, 1.0, check_finite=False)  # v - H u
             for i, h in enumerate(hv_f):
                 grad_f[i] = grad_f[i] - (h if summed else h.sum(0))
             ctx.history[k] = None  # free phi_k, g_k as soon as they are used
-        grad_a = [vi if v_summed else vi.sum(0) for vi in v] if not tm.context else []
+        grad_a = ([vi if v_summed else vi.sum_tasks() if isinstance(vi, LowRank) else vi.sum(0) for vi in v]
+                  if not tm.context else [])
         lr_out = [None if g is None else g.to(t.dtype) for g, t in zip(grad_lr, lr_tensors)]
         return (None, *grad_a, *grad_f, *lr_out)
