@@ -286,9 +286,42 @@ class LowRank:
         return torch.bmm(torch.bmm(x, self.d.transpose(1, 2)), self.h)
 
 
+class ShiftedLowRank:
+    """Per-task weights ``W + G_t`` with ``W [out, in]`` shared by the tasks and ``G`` a ``LowRank``:
+    the first inner step from ``theta`` (``phi_1 = theta - alpha g_0``) without forming ``phi_1``.
+
+    The fused passes multiply by it as ``h W^T + (h H^T) D``: one matmul over all rows plus two
+    small batched ones, cheaper than forming ``phi_1`` and two ``[T, out, in]`` batched matmuls.
+    """
+
+    __slots__ = ("base", "shift")
+
+    def __init__(self, base: Tensor, shift: LowRank):
+        self.base, self.shift = base, shift
+
+    @property
+    def shape(self):
+        return self.shift.shape
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+    @property
+    def device(self):
+        return self.base.device
+
+    def dense(self) -> Tensor:
+        return self.shift.dense().add_(self.base)
+
+
 def dense(t):
-    """A ``LowRank`` as its ``[T, out, in]`` tensor; anything else unchanged."""
-    return t.dense() if isinstance(t, LowRank) else t
+    """A ``LowRank`` or ``ShiftedLowRank`` as its ``[T, out, in]`` tensor; anything else unchanged."""
+    return t.dense() if isinstance(t, (LowRank, ShiftedLowRank)) else t
+
+
+def is_factored(t) -> bool:
+    return isinstance(t, (LowRank, ShiftedLowRank))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,6 +338,8 @@ def _affine(h: Tensor, w, b: Optional[Tensor]) -> Tensor:
     if isinstance(w, LowRank):
         out = w.times_transposed(h)
         return out if b is None else out.add_(b.unsqueeze(1) if b.dim() == 2 else b)
+    if isinstance(w, ShiftedLowRank):
+        return _affine(h, w.base, b).add_(w.shift.times_transposed(h))
     num_tasks, n = h.shape[0], h.shape[1]
     out_f, in_f = w.shape[-2], w.shape[-1]
     if in_f == 1:  # an outer product (the sinusoid net's first layer): a broadcast, not a matmul
@@ -327,6 +362,8 @@ def _back(delta: Tensor, w) -> Tensor:
     """``delta W`` per task: the gradient flowing into a linear layer's input."""
     if isinstance(w, LowRank):
         return w.times(delta)
+    if isinstance(w, ShiftedLowRank):
+        return _back(delta, w.base).add_(w.shift.times(delta))
     out_f, in_f = w.shape[-2], w.shape[-1]
     if out_f == 1:  # [T, N, 1] times [1, in]: a broadcast
         return delta * w
@@ -452,7 +489,8 @@ class _State:
 def _state_key(tensors: Sequence[Tensor]) -> tuple:
     # Storage and version identify the data: the state holds references to these tensors, so no
     # other tensor can reuse their memory, and an in-place change bumps the version.
-    return tuple((t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors)
+    return tuple((t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device)
+                 if isinstance(t, Tensor) else ("object", id(t)) for t in tensors)
 
 
 def _point(params, fixed, plan, x, y) -> list:
@@ -514,11 +552,9 @@ def grad(plan: MLPPlan, params: Sequence[Tensor], fixed: Sequence[Tensor], x: Te
 def _take_state(plan: MLPPlan, params, fixed, x, y, stop: int) -> Optional[_State]:
     """The state kept by ``grad(keep_state=True)`` at this very point, removed from its owner."""
     state = getattr(plan.owner, "_fused_state", None)
-    if state is None:
+    if state is None or state.stop > stop or state.key != _state_key(_point(params, fixed, plan, x, y)):
         return None
     plan.owner._fused_state = None
-    if state.stop > stop or state.key != _state_key(_point(params, fixed, plan, x, y)):
-        return None
     return state
 
 

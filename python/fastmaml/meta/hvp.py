@@ -267,6 +267,7 @@ def batched_grad(task_loss: TaskLoss, params: Sequence[Tensor], fixed: Sequence[
     if plan is not None:
         return fused_mlp.grad(plan, params, fixed, *task_args, wrt_fixed=wrt, low_rank=low_rank,
                               keep_state=keep_state)
+    params = tuple(fused_mlp.dense(p) for p in params)  # factored points from the fused path, if any
 
     def with_aux(p, f, *args):
         loss = task_loss(p, f, *args)
@@ -350,11 +351,12 @@ def hvp(task_loss: TaskLoss, params: Sequence[Tensor], v: Sequence[Tensor], *tas
         >>> hv, _ = hvp(tm.task_loss, phi, v, xs, ys, mode="exact")
     """
     mode = resolve_hvp_mode(mode)
-    if any(isinstance(t, fused_mlp.LowRank) for t in v):  # factored directions from batched_grad(low_rank=True)
+    if any(fused_mlp.is_factored(t) for t in list(v) + list(params)):  # from the fused path's low-rank steps
         plan = fused_plan(batching, task_loss, params, fixed, task_args, shared_params)
         if plan is not None and mode in ("exact", "forward_over_reverse", "reverse_over_reverse"):
             return fused_mlp.hvp(plan, params, fixed, v, *task_args, sum_tasks=sum_tasks)
         v = [fused_mlp.dense(t) for t in v]
+        params = [fused_mlp.dense(t) for t in params]
     params = V.check_tensor_list(params, "params")
     v = V.check_tensor_list(v, "v")
     V.check_same_length(params=params, v=v)

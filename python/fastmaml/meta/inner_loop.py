@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .. import _validation as V
 from ..ops.multi_tensor import task_axpby
 from .functional import TaskModel, check_losses_finite
+from .fused_mlp import LowRank, ShiftedLowRank, dense
 from .hvp import batched_grad
 
 StepSpec = Union[float, Tensor, Sequence]
@@ -127,19 +128,26 @@ def detached_step(step: Sequence) -> list:
     return [a.detach() if isinstance(a, Tensor) else a for a in step]
 
 
-def _step_from_shared(theta: Sequence[Tensor], grads: Sequence[Tensor], step: Sequence) -> list[Tensor]:
+def _step_from_shared(theta: Sequence[Tensor], grads: Sequence, step: Sequence) -> list:
     """``phi = theta - alpha * g`` when every task starts from the same ``theta``: a broadcast in
     plain torch ops (``task_axpby`` would first materialize ``theta`` T times; 1000 sinusoid-MLP
-    tasks: 0.3 ms against 1.2-2.9 ms)."""
-    return [torch.add(th.unsqueeze(0), g, alpha=-a) if not isinstance(a, Tensor) else th.unsqueeze(0) - a * g
-            for th, g, a in zip(theta, grads, step)]
+    tasks: 0.3 ms against 1.2-2.9 ms). A low-rank gradient of the fused MLP path with a scalar
+    step size gives a ``ShiftedLowRank`` (``phi`` is never formed)."""
+    out = []
+    for th, g, a in zip(theta, grads, step):
+        if isinstance(g, LowRank) and (not isinstance(a, Tensor) or a.numel() == 1):
+            out.append(ShiftedLowRank(th, g.scale(-a)))
+            continue
+        g = dense(g)
+        out.append(torch.add(th.unsqueeze(0), g, alpha=-a) if not isinstance(a, Tensor) else th.unsqueeze(0) - a * g)
+    return out
 
 
 def run_inner_loop(task_model: TaskModel, phi0: Sequence[Tensor], fixed: Sequence[Tensor],
                    support: tuple[Tensor, Tensor], per_step: Sequence[Sequence], *, keep_history: bool = False,
                    history_fixed_grads: bool = False, prox: Optional[float] = None,
                    check_finite: bool = True, shared_start: bool = False, batching: str = "auto",
-                   keep_first_state: bool = False):
+                   keep_first_state: bool = False, low_rank_first_step: bool = False):
     """K batched inner steps without an autograd graph (the forward pass of the meta-gradient engines).
 
     Args:
@@ -160,6 +168,10 @@ def run_inner_loop(task_model: TaskModel, phi0: Sequence[Tensor], fixed: Sequenc
             (``fastmaml.meta.hvp``).
         keep_first_state: the fused MLP path keeps the first step's pass for an HVP at ``phi_0``
             (second-order MAML's last backward step); ignored by the other batchings.
+        low_rank_first_step: the fused MLP path may return the first step's gradient as
+            ``LowRank`` factors and ``phi_1`` as a ``ShiftedLowRank`` (in ``history`` and, for
+            K = 1, the result): for callers that pass them only to ``batched_grad`` / ``hvp``,
+            ``fastmaml.meta.fused_mlp.dense`` and ``LowRank.task_dot``.
 
     Returns:
         ``(phi_K, history, support_losses)``: ``phi_K`` is ``[T, ...]``; ``support_losses`` a
@@ -173,9 +185,10 @@ def run_inner_loop(task_model: TaskModel, phi0: Sequence[Tensor], fixed: Sequenc
     history, losses = [], []
     for k, step in enumerate(per_step):
         with torch.no_grad():
+            first = k == 0 and shared and prox is None
             loss, g, gf = batched_grad(task_model.task_loss, phi, fixed, *support,
                                        wrt_fixed=history_fixed_grads, shared_params=shared, batching=batching,
-                                       keep_state=keep_first_state and k == 0)
+                                       keep_state=keep_first_state and first, low_rank=low_rank_first_step and first)
         if check_finite:
             check_losses_finite(loss, f"inner step {k} (support loss)")
         losses.append(loss)
@@ -185,6 +198,7 @@ def run_inner_loop(task_model: TaskModel, phi0: Sequence[Tensor], fixed: Sequenc
             if shared and prox is None:
                 phi = _step_from_shared(phi, g, detached_step(step))
             else:
+                phi = [dense(p) for p in phi]  # a ShiftedLowRank phi_1 from the first step
                 if shared:
                     phi = [p.unsqueeze(0).expand(num_tasks, *p.shape) for p in phi]
                 if prox is not None:

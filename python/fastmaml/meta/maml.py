@@ -83,7 +83,9 @@ class MetaGradient(torch.autograd.Function):
                                                       history_fixed_grads=fd_reuse and n_f > 0,
                                                       check_finite=cfg.check_finite, shared_start=True,
                                                       batching=cfg.batching,
-                                                      keep_first_state=second and cfg.hvp_mode in _EXACT_MODES)
+                                                      keep_first_state=second and cfg.hvp_mode in _EXACT_MODES,
+                                                      low_rank_first_step=cfg.algorithm == "fomaml" or (
+                                                          second and cfg.hvp_mode in _EXACT_MODES))
             if cfg.query is not None:
                 # FOMAML and exact MAML only scale, dot, sum the query gradient and use it as an HVP
                 # direction: the fused MLP path may keep its weight blocks as LowRank factors
@@ -133,10 +135,12 @@ class MetaGradient(torch.autograd.Function):
             # d/dalpha_k = -sum_t v_{k+1} * g_k
             for a_ref, a, vi, gi in zip(cfg.per_step[k], step, v, g_k):
                 if isinstance(a_ref, LrRef):
-                    if isinstance(vi, LowRank) and a.numel() == 1:
+                    if a.numel() == 1 and isinstance(vi, LowRank):
                         red = vi.task_dot(gi).sum()
+                    elif a.numel() == 1 and isinstance(gi, LowRank):
+                        red = gi.task_dot(vi).sum()
                     else:
-                        prod = dense(vi) * gi
+                        prod = dense(vi) * dense(gi)
                         red = prod.sum() if a.numel() == 1 else prod.sum(0)
                     j = int(a_ref)
                     grad_lr[j] = -red.reshape(a.shape) if grad_lr[j] is None else grad_lr[j] - red.reshape(a.shape)
