@@ -144,6 +144,32 @@ def test_svm_logits_gradcheck_primal_weights_route():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_weights_route_matches_autograd_composition(backend):
+    # q n = 48 > c (n + q) = 36: logits through W = X^T alpha with the fused backward. The loss uses
+    # both outputs (logits and the dual solution), as a caller may.
+    X, labels, Xq = episode(3, 3, 2, 9, seed=8, q=8)
+    v = torch.randn(3, 8, 3, dtype=F64)
+    u = torch.randn(3, 6, 3, dtype=F64)
+    Xa, Xqa = X.clone().requires_grad_(), Xq.clone().requires_grad_()
+    logits, res = svm_logits(Xa, labels, Xqa, 3, backend=backend)
+    ((logits * v).sum() + (res.z * u).sum()).backward()
+    Xb, Xqb = X.clone().requires_grad_(), Xq.clone().requires_grad_()
+    alpha = svm_crammer_singer_solve(Xb @ Xb.mT, labels, 3, backend=backend).z
+    ((Xqb @ (alpha.mT @ Xb).mT * v).sum() + (alpha * u).sum()).backward()
+    torch.testing.assert_close(logits, Xqb @ (alpha.mT @ Xb).mT)
+    torch.testing.assert_close(Xa.grad, Xb.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(Xqa.grad, Xqb.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_fused_weights_route_double_backward_is_an_error():
+    X, labels, Xq = episode(1, 2, 3, 5, seed=5, q=6)
+    X = X.requires_grad_()
+    (gX,) = torch.autograd.grad(svm_logits(X, labels, Xq, 2)[0].sum(), X, create_graph=True)
+    with pytest.raises(RuntimeError, match="svm_logits is first-order only"):
+        torch.autograd.grad(gX.sum(), X)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fixed_iterations_report_not_converged(backend):
     X, labels, _ = episode(2, 5, 5, 64)
     res = svm_crammer_singer_solve(X @ X.mT, labels, 5, max_iter=3, tol=0.0, backend=backend)

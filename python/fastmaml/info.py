@@ -10,8 +10,10 @@ import torch
 from . import backend as B
 from ._extension import build_info
 
-# The ops behind the backend selector, in the order the user meets them.
-OPS = ("task_axpby", "task_dot", "inner_sgd_step", "fd_perturb", "fd_combine")
+# The ops behind the backend selector, in the order the user meets them, each with the compiled
+# op that runs it.
+OPS = {"task_axpby": "task_axpby", "task_dot": "task_dot", "inner_sgd_step": "task_axpby",
+       "fd_perturb": "task_axpby", "fd_combine": "task_axpby", "svm_crammer_singer_solve": "svm_cs_ipm"}
 
 
 def _version(dist: str) -> str:
@@ -35,7 +37,7 @@ def collect() -> dict:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
         "build": build_info(),
         "backends": {d: B.available_backends(d) for d in devices},
-        "ops": {op: {d: B.resolve_backend(torch.device(d)) for d in devices} for op in OPS},
+        "ops": {op: {d: B.resolve_backend(torch.device(d), op=kernel) for d in devices} for op, kernel in OPS.items()},
     }
     return info
 
@@ -53,7 +55,7 @@ def main() -> None:
         print(f"    {dev:16s} {', '.join(names)}")
     print("  backend chosen by 'auto':")
     for op, per_dev in info["ops"].items():
-        print(f"    {op:16s} " + ", ".join(f"{d}: {b}" for d, b in per_dev.items()))
+        print(f"    {op:26s} " + ", ".join(f"{d}: {b}" for d, b in per_dev.items()))
 
 
 if __name__ == "__main__":
