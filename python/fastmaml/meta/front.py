@@ -52,10 +52,13 @@ def maml_loss(model, loss_fn: Optional[Callable] = None, support=None, query=Non
         cg_iters, cg_tol: iMAML's CG iteration cap and relative residual tolerance.
         check_finite: raise (naming the task and step) when a loss is NaN or infinite.
         batching: how calls are batched over tasks: ``"vmap"`` (``torch.func.vmap``), ``"loop"``
-            (plain autograd task by task) or ``"auto"`` (a loop for T <= 16 or per-task batches of
-            32 samples or more, else vmap; identical results either way, see ``resolve_batching``),
-            or ``"stacked"`` (all tasks in one forward pass, ``fastmaml.meta.stacked``; never chosen
-            by ``"auto"``).
+            (plain autograd task by task), ``"fused_mlp"`` (hand-written gradients and HVPs as
+            batched matmuls for a plain ``nn.Sequential`` of Linear layers and elementwise
+            activations with an MSE / cross-entropy loss, ``fastmaml.meta.fused_mlp``; other
+            models and losses take the ``"auto"`` choice) or ``"auto"`` (``"fused_mlp"`` where it
+            applies, else a loop for T <= 16 or per-task batches of 32 samples or more, else vmap;
+            the same results either way, see ``resolve_batching``), or ``"stacked"`` (all tasks in
+            one forward pass, ``fastmaml.meta.stacked``; never chosen by ``"auto"``).
         info: a dict filled with ``support_losses [K, T]`` and, after backward, iMAML's
             ``cg_iterations``, ``cg_task_iterations``, ``cg_residual``, ``cg_converged``.
 

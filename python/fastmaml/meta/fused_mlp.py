@@ -1,39 +1,48 @@
 """Fused batched path for plain MLPs: per-task gradients and exact HVPs as batched matmuls.
 
-For a tiny network the generic paths (``vmap`` of ``grad`` / ``jvp``, or autograd per task) spend
-their time in per-op overhead, not arithmetic (the 1000-task sinusoid MLP: ~1 MFLOP per call, ~30
-ms under vmap). When the model is a plain ``nn.Sequential`` of ``nn.Linear`` layers and
-elementwise activations, and the loss is one this module knows, everything is written out by hand
-on ``[T, N, width]`` tensors, without autograd or vmap:
+For small networks the generic paths (``vmap`` of ``grad`` / ``jvp``, or autograd per task) pay per
+op and per task far more than the arithmetic costs. When the model is a plain ``nn.Sequential`` of
+``nn.Linear`` layers and elementwise activations, and the loss is one this module knows, everything
+is written out by hand on ``[T, N, width]`` tensors, without autograd or vmap:
 
-* the forward pass: ``z = h W^T + b`` (one ``baddbmm`` over the tasks for per-task weights, one
-  ``addmm`` over all ``T * N`` rows for weights shared by the tasks), ``h = f(z)``;
-* the gradient of each task's loss: the backward pass by hand (``dW_t = delta_t^T h_t``: one ``bmm``);
-* exact Hessian-vector products by Pearlmutter's R-operator (forward-over-reverse written out):
-  an R-forward pass ``R{z} = R{h} W^T + h dW^T + db``, ``R{h} = f'(z) R{z}`` and an R-backward
-  pass ``R{delta_in} = R{delta} W + delta dW``, ``R{delta_z} = f'(z) R{delta_h} + f''(z) R{z} delta_h``,
-  ``R{g_W} = R{delta}^T h + delta^T R{h}``.
+* the forward pass ``z = h W^T + b``, ``h = f(z)``: one matmul over all ``T * N`` rows for weights
+  shared by the tasks (the first step from ``theta``, ANIL's body), one batched matmul for per-task
+  weights, broadcasts for layers with one input or output;
+* each task's gradient by a hand-written backward pass (``dW_t = delta_t^T h_t``);
+* exact Hessian-vector products by Pearlmutter's R-operator (forward-over-reverse written out): an
+  R-forward pass ``R{z} = R{h} W^T + h dW^T + db``, ``R{h} = f'(z) R{z}`` and an R-backward pass
+  ``R{delta_in} = R{delta} W + delta dW``, ``R{delta_z} = f'(z) R{delta_h} + f''(z) R{z} delta_h``,
+  ``R{g_W} = R{delta}^T h + delta^T R{h}``. Per-task blocks of tensors shared by the tasks (ANIL's
+  mixed block ``H_fa u``) come out of the same passes: the direction has no component on them.
 
-Tasks are independent, so nothing mixes across the leading task dimension; parameters without a
-task dimension (the shared first step from ``theta``, ANIL's fixed body) run as one matmul over
-all tasks' samples. Per-task gradients of shared tensors (the mixed block ``H_fa u`` of ANIL) come
-out of the same passes: the direction simply has no component on them.
+Three shortcuts serve the engine's second-order MAML (``fastmaml.meta.maml``), each asked for
+explicitly and ignored by the other batchings:
 
-Supported (``plan_for``; anything else goes to the generic path, never an error):
+* ``LowRank``: a weight gradient on N samples is ``D^T H`` (rank <= N). The query gradient is only
+  scaled, dotted, summed over tasks and used as an HVP direction, all of which work on the factors;
+  so is the first inner step's gradient, and ``phi_1 = theta - alpha D^T H`` stays a
+  ``ShiftedLowRank`` that the passes multiply by without forming it (only for layers wider than N).
+* ``sum_tasks``: the last backward step only needs ``sum_t H_t u_t`` at ``theta``: its weight
+  blocks are then one matmul over all rows instead of T outer products.
+* ``keep_state``: the first inner step's pass at ``theta`` is kept (one step's activations) for that
+  last HVP, at the same point, which then skips its own forward and backward pass.
+
+Supported (``plan_for``, ``plan_for_call``; anything else goes to the generic path, never an error):
 
 * model: ``type(model).forward is nn.Sequential.forward`` (``nn.Sequential`` and subclasses such as
   ``fastmaml.meta.models.MLP`` that do not override ``forward``), direct children of the exact types
   ``nn.Linear``, ``nn.ReLU``, ``nn.LeakyReLU``, ``nn.Tanh``, ``nn.Sigmoid``, ``nn.Identity``, no
   module appearing twice, no forward / backward hooks (module or global), every parameter the
-  weight or bias of one of these Linear layers;
+  weight or bias of one of these Linear layers; not CAVIA (its context enters ``forward``);
 * loss: ``fastmaml.meta.models.mse_loss``, ``F.mse_loss``, ``F.cross_entropy`` (the function
   objects themselves, called with their defaults), ``nn.MSELoss()`` with ``reduction="mean"`` and
   ``nn.CrossEntropyLoss()`` with ``reduction="mean"``, no class weights and no label smoothing
   (exact types, no hooks). A lambda or any other wrapper is not recognised (it might do anything);
-* data: ``x [T, N, in]`` with ``N >= 1`` in the parameters' dtype; MSE targets shaped like the
-  output (no broadcasting); cross-entropy targets integer class indices ``[T, N]`` in ``[0, C)``.
+* data: ``x [T, N, in]`` with ``N >= 1`` in the parameters' dtype and device; MSE targets shaped
+  like the output (no broadcasting); cross-entropy targets class indices ``[T, N]`` (int64 or
+  uint8) in ``[0, C)`` (so no ``ignore_index`` entries).
 
-Derivative conventions follow autograd's: ReLU' (0) = 0, LeakyReLU'(0) = the slope.
+Derivative conventions follow autograd's: ReLU'(0) = 0, LeakyReLU'(0) = the slope.
 """
 from __future__ import annotations
 
@@ -188,7 +197,7 @@ def plan_for(task_model) -> Optional[MLPPlan]:
     return plan
 
 
-_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_INT_DTYPES = (torch.int64, torch.uint8)  # what F.cross_entropy takes as class indices
 
 
 def plan_for_call(task_loss, params: Sequence[Tensor], fixed: Sequence[Tensor], task_args: Sequence[Tensor],
