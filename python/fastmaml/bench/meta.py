@@ -12,9 +12,12 @@ Providers of the second-order meta-gradient (d mean_t L_query / d theta):
   higher          peer (when installed): per-task loop with higher.innerloop_ctx and a differentiable SGD
   learn2learn     peer (when installed): per-task loop with l2l.algorithms.MAML clone/adapt
   fastmaml_exact  maml_loss(hvp_mode="exact"), what users get by default: custom backward recursion with
-                  the faster exact HVP for the batching (double backward in the per-task loop; under
-                  vmap forward-over-reverse for conv nets, reverse-over-reverse otherwise)
-  fastmaml_fwdrev, fastmaml_revrev, fastmaml_stacked (on request): one HVP mode or batching forced
+                  the faster exact HVP for the batching (C: the fused MLP path, hand-written gradients and
+                  R-operator HVPs; A, B: double backward in the per-task loop)
+  fastmaml_fwdrev, fastmaml_revrev, fastmaml_stacked (on request): one HVP mode or batching forced (on
+                  the fused MLP path every exact mode is the same R-operator)
+  fastmaml_vmap   (on request) maml_loss(batching="vmap"): the generic vmap path, what "auto" ran on C
+                  before the fused MLP path
   fastmaml_fd64   maml_loss(hvp_mode="fd_central", fd_dtype=float64)
   fastmaml_fd32   maml_loss(hvp_mode="fd_forward") in float32 (reuses the saved gradients)
 
@@ -57,7 +60,7 @@ ERR_FLOOR = 1e-3
 # fastmaml_fd32 (forward differences in float32) is not run by default: on these ReLU / max-pool
 # nets its error is 7e-2 to 1e3 relative (docs/meta.md); ask for it with --providers.
 PROVIDERS = ("loop_autograd", "func_vmap", "higher", "learn2learn", "fastmaml_exact", "fastmaml_fd64")
-OPTIONAL_PROVIDERS = ("fastmaml_fd32", "fastmaml_fwdrev", "fastmaml_revrev", "fastmaml_stacked")
+OPTIONAL_PROVIDERS = ("fastmaml_fd32", "fastmaml_fwdrev", "fastmaml_revrev", "fastmaml_stacked", "fastmaml_vmap")
 BASELINES = ("loop_autograd", "func_vmap", "higher", "learn2learn")
 PEERS = {"higher": "higher", "learn2learn": "learn2learn"}  # provider -> module it needs
 
@@ -150,6 +153,7 @@ def provider_fn(provider: str, net, loss_fn, support, query, num_steps: int, lr:
     kw = {"fastmaml_exact": dict(hvp_mode="exact"),
           "fastmaml_fwdrev": dict(hvp_mode="forward_over_reverse"),
           "fastmaml_stacked": dict(hvp_mode="exact", batching="stacked"),
+          "fastmaml_vmap": dict(hvp_mode="exact", batching="vmap"),
           "fastmaml_fd64": dict(hvp_mode="fd_central", fd_dtype=torch.float64),
           "fastmaml_fd32": dict(hvp_mode="fd_forward"),
           "fastmaml_revrev": dict(hvp_mode="reverse_over_reverse")}[provider]
