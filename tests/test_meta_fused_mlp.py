@@ -102,6 +102,9 @@ CASES = [  # (activation, loss, K, T, step sizes, adapt)
     ("sigmoid", "ce", 2, 3, "scalar", "all"),
     ("leaky", "mse", 2, 3, "meta_sgd", "head"),
     ("relu", "ce", 2, 3, "lslr", ["0.weight", "4.bias"]),  # first weight and last bias only
+    # the middle layer (17 -> 9, wider than the 6 support samples: low-rank steps) between fixed ones
+    ("relu", "mse", 1, 3, "scalar", ["2.weight", "2.bias"]),
+    ("tanh", "ce", 2, 8, "lslr", ["2.weight", "2.bias"]),
 ]
 
 
@@ -141,6 +144,18 @@ def test_first_order_matches_autograd_first_order(kind, lr_form, generic_paths_f
                              algorithm="fomaml"), params)
     got = grads_of(maml_loss(tm, support=sup, query=qry, num_steps=2, lr=lr, algorithm="fomaml"), params)
     assert rel_err(got, ref) < TOL
+
+
+@pytest.mark.parametrize("mode", ["fd_forward", "fd_central"])
+def test_finite_difference_modes_evaluate_their_gradients_fused(mode, generic_paths_forbidden):
+    net = make_net("tanh")
+    tm = TaskModel(net, F.cross_entropy)
+    sup, qry = make_data("ce", 3, 6), make_data("ce", 3, 5, seed=2)
+    lr, lrs = make_lr("scalar", tm, 2)
+    params = list(net.parameters()) + lrs
+    ref = grads_of(maml_loss(tm, support=sup, query=qry, num_steps=2, lr=lr, engine="autograd"), params)
+    got = grads_of(maml_loss(tm, support=sup, query=qry, num_steps=2, lr=lr, hvp_mode=mode), params)
+    assert rel_err(got, ref) < 1e-5  # the documented bound of the float64 finite differences
 
 
 @pytest.mark.parametrize("algorithm", ["reptile", "imaml"])
