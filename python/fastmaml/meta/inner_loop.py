@@ -18,7 +18,6 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .. import _validation as V
 from ..ops.multi_tensor import task_axpby
 from .functional import TaskModel, check_losses_finite
 from .fused_mlp import LowRank, ShiftedLowRank, dense
@@ -236,7 +235,7 @@ def adapt(task_model: TaskModel, support: tuple[Tensor, Tensor], num_steps: int,
     """
     from .functional import check_task_data
 
-    num_tasks = check_task_data(support, None)
+    check_task_data(support, None)
     num_steps = check_num_steps(num_steps)
     theta_a = task_model.theta_adapted()
     per_step, _ = normalize_step_sizes(lr, num_steps, _adapted_shapes(task_model))
