@@ -118,7 +118,7 @@ def _build(task_model):
     model = task_model.model
     if task_model.context:
         return None, "CAVIA (adapt='context') passes the context to forward"
-    if type(model).forward is not nn.Sequential.forward:
+    if type(model).forward is not nn.Sequential.forward or type(model).__iter__ is not nn.Sequential.__iter__:
         return None, f"the model ({type(model).__name__}) is not an nn.Sequential with the standard forward"
     loss = _loss_kind(task_model.loss_fn)
     if loss is None:
