@@ -1,12 +1,14 @@
 // CPU kernels of the Crammer-Singer SVM dual (MetaOptNet's SVM head). Tasks are packed into
 // groups of W, lane-interleaved, and each group is solved in lockstep by svm_cs_ipm.h; groups run
-// in parallel. W is the SIMD width of the machine, chosen at run time: the solver is compiled
-// three times (baseline x86-64 / SSE2, AVX2+FMA, AVX-512) and the widest one the CPU supports
-// runs, as torch's own kernels do (ATEN_CPU_CAPABILITY=default|avx2|avx512 lowers the choice).
+// in parallel. W is the SIMD width, chosen at run time: the solver is compiled twice (baseline
+// x86-64 / SSE2 with W = 2 doubles, AVX2+FMA with W = 4) and AVX2 runs where the CPU has it, as
+// torch's own kernels choose (ATEN_CPU_CAPABILITY=default forces the baseline).
 //
 // Measured on 8 tasks of 5-way 5-shot (125 variables, 10-11 iterations, one thread, AMD EPYC):
-// one task at a time with scalar loops 4.8 ms; lockstep SSE2 1.7 ms, AVX2 1.05 ms, AVX-512
-// 1.03 ms. 15-shot (375 variables): 26 / 16.6 / 16.3 ms.
+// one task at a time with scalar loops 4.8 ms; lockstep SSE2 1.7 ms, AVX2 1.05 ms. 15-shot (375
+// variables): 26 / 16.6 ms. An AVX-512 copy (W = 8) measured no faster per task (1.03 and 16.3 ms)
+// and halves the number of groups that threads can share (2 threads, T = 8, 15-shot: 16.8 ms
+// against 12.0 ms for AVX2), so it is not built.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -35,7 +37,6 @@ using svm_cs::GroupResult;
 #if defined(__GNUC__) && defined(__x86_64__)
 #define FASTMAML_X86_DISPATCH 1
 #define FASTMAML_TARGET_AVX2 __attribute__((target("avx2,fma"), flatten))
-#define FASTMAML_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx2,fma"), flatten))
 #else
 #define FASTMAML_X86_DISPATCH 0
 #endif
@@ -55,28 +56,21 @@ FASTMAML_SVM_ENTRY(default_f32, FASTMAML_TARGET_DEFAULT, float, 4)
 #if FASTMAML_X86_DISPATCH
 FASTMAML_SVM_ENTRY(avx2_f64, FASTMAML_TARGET_AVX2, double, 4)
 FASTMAML_SVM_ENTRY(avx2_f32, FASTMAML_TARGET_AVX2, float, 8)
-FASTMAML_SVM_ENTRY(avx512_f64, FASTMAML_TARGET_AVX512, double, 8)
-FASTMAML_SVM_ENTRY(avx512_f32, FASTMAML_TARGET_AVX512, float, 16)
 #endif
 
-enum class Isa { Default = 0, Avx2 = 1, Avx512 = 2 };
+enum class Isa { Default = 0, Avx2 = 1 };
 
 Isa cpu_isa() {
 #if FASTMAML_X86_DISPATCH
   static const Isa supported = [] {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) return Isa::Avx512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
     return Isa::Default;
   }();
   // Read on every call so that tests can run each variant in one process.
-  Isa requested = Isa::Avx512;
-  if (const char* env = std::getenv("ATEN_CPU_CAPABILITY")) {
-    const std::string v(env);
-    if (v == "default") requested = Isa::Default;
-    else if (v == "avx2") requested = Isa::Avx2;
-  }
-  return static_cast<int>(requested) < static_cast<int>(supported) ? requested : supported;
+  const char* env = std::getenv("ATEN_CPU_CAPABILITY");
+  if (env != nullptr && std::string(env) == "default") return Isa::Default;
+  return supported;
 #else
   return Isa::Default;
 #endif
@@ -225,18 +219,14 @@ svm_cs_ipm_cpu(const at::Tensor& kernel, const at::Tensor& labels, int64_t n_way
   const Isa isa = cpu_isa();
   if (Kc.scalar_type() == at::kDouble) {
 #if FASTMAML_X86_DISPATCH
-    if (isa == Isa::Avx512) {
-      run_ipm<double, 8>(Kc, diag_reg, floor_eps, lab, c, C, max_iter, tol, avx512_f64_ipm, z, w, status, iterations, pres, dres, gap);
-    } else if (isa == Isa::Avx2) {
+    if (isa == Isa::Avx2) {
       run_ipm<double, 4>(Kc, diag_reg, floor_eps, lab, c, C, max_iter, tol, avx2_f64_ipm, z, w, status, iterations, pres, dres, gap);
     } else
 #endif
       run_ipm<double, 2>(Kc, diag_reg, floor_eps, lab, c, C, max_iter, tol, default_f64_ipm, z, w, status, iterations, pres, dres, gap);
   } else {
 #if FASTMAML_X86_DISPATCH
-    if (isa == Isa::Avx512) {
-      run_ipm<float, 16>(Kc, diag_reg, floor_eps, lab, c, C, max_iter, tol, avx512_f32_ipm, z, w, status, iterations, pres, dres, gap);
-    } else if (isa == Isa::Avx2) {
+    if (isa == Isa::Avx2) {
       run_ipm<float, 8>(Kc, diag_reg, floor_eps, lab, c, C, max_iter, tol, avx2_f32_ipm, z, w, status, iterations, pres, dres, gap);
     } else
 #endif
@@ -264,18 +254,14 @@ at::Tensor svm_cs_kkt_solve_cpu(const at::Tensor& kernel, double diag_reg, doubl
   const Isa isa = cpu_isa();
   if (Kc.scalar_type() == at::kDouble) {
 #if FASTMAML_X86_DISPATCH
-    if (isa == Isa::Avx512) {
-      run_kkt<double, 8>(Kc, diag_reg, floor_eps, wc, rc, avx512_f64_kkt, out);
-    } else if (isa == Isa::Avx2) {
+    if (isa == Isa::Avx2) {
       run_kkt<double, 4>(Kc, diag_reg, floor_eps, wc, rc, avx2_f64_kkt, out);
     } else
 #endif
       run_kkt<double, 2>(Kc, diag_reg, floor_eps, wc, rc, default_f64_kkt, out);
   } else {
 #if FASTMAML_X86_DISPATCH
-    if (isa == Isa::Avx512) {
-      run_kkt<float, 16>(Kc, diag_reg, floor_eps, wc, rc, avx512_f32_kkt, out);
-    } else if (isa == Isa::Avx2) {
+    if (isa == Isa::Avx2) {
       run_kkt<float, 8>(Kc, diag_reg, floor_eps, wc, rc, avx2_f32_kkt, out);
     } else
 #endif
