@@ -106,15 +106,19 @@ CASES = [  # (activation, loss, K, T, step sizes, adapt)
     ("relu", "mse", 1, 3, "scalar", ["2.weight", "2.bias"]),
     ("tanh", "ce", 2, 8, "lslr", ["2.weight", "2.bias"]),
 ]
+# one input feature (the sinusoid net's first layer is an outer product: broadcasts, not matmuls)
+CASES_1D = [("relu", "ce", 2, 3, "lslr", "all"), ("tanh", "mse", 5, 8, "meta_sgd", "all"),
+            ("relu", "mse", 1, 8, "scalar", "all")]
 
 
-@pytest.mark.parametrize("act,kind,num_steps,num_tasks,lr_form,adapt", CASES)
-def test_second_order_matches_autograd_reference(act, kind, num_steps, num_tasks, lr_form, adapt,
+@pytest.mark.parametrize("act,kind,num_steps,num_tasks,lr_form,adapt,widths",
+                         [c + ((3, 17, 9, 4),) for c in CASES] + [c + ((1, 17, 9, 3),) for c in CASES_1D])
+def test_second_order_matches_autograd_reference(act, kind, num_steps, num_tasks, lr_form, adapt, widths,
                                                  generic_paths_forbidden):
-    net = make_net(act)
+    net = make_net(act, widths)
     tm = TaskModel(net, mse_loss if kind == "mse" else F.cross_entropy, adapt=adapt)
     assert fused_mlp.why_not(tm) is None
-    sup, qry = make_data(kind, num_tasks, 6), make_data(kind, num_tasks, 5, seed=2)
+    sup, qry = make_data(kind, num_tasks, 6, widths), make_data(kind, num_tasks, 5, widths, seed=2)
     lr, lrs = make_lr(lr_form, tm, num_steps)
     params = list(net.parameters()) + lrs
     ref = grads_of(maml_loss(tm, support=sup, query=qry, num_steps=num_steps, lr=lr, engine="autograd"), params)
