@@ -111,8 +111,17 @@ CASES_1D = [("relu", "ce", 2, 3, "lslr", "all"), ("tanh", "mse", 5, 8, "meta_sgd
             ("relu", "mse", 1, 8, "scalar", "all")]
 
 
-@pytest.mark.parametrize("act,kind,num_steps,num_tasks,lr_form,adapt,widths",
-                         [c + ((3, 17, 9, 4),) for c in CASES] + [c + ((1, 17, 9, 3),) for c in CASES_1D])
+def case_id(case):
+    act, kind, num_steps, num_tasks, lr_form, adapt, widths = case
+    adapt = adapt if isinstance(adapt, str) else "+".join(adapt)
+    return f"{act}-{kind}-K{num_steps}-T{num_tasks}-{lr_form}-{adapt}-{'-'.join(map(str, widths))}"
+
+
+ALL_CASES = [c + ((3, 17, 9, 4),) for c in CASES] + [c + ((1, 17, 9, 3),) for c in CASES_1D]
+
+
+@pytest.mark.parametrize("act,kind,num_steps,num_tasks,lr_form,adapt,widths", ALL_CASES,
+                         ids=[case_id(c) for c in ALL_CASES])
 def test_second_order_matches_autograd_reference(act, kind, num_steps, num_tasks, lr_form, adapt, widths,
                                                  generic_paths_forbidden):
     net = make_net(act, widths)
