@@ -1,4 +1,4 @@
-"""learn2learn-style MAML on Omniglot-shaped episodes: before and after moving to fastmaml.
+"""learn2learn-style MAML training: before and after moving to fastmaml.
 
 Runs one MAML training loop in several ways and prints, for each, the wall time per
 meta-iteration, the peak extra memory and how far its meta-gradient is from the plain loop's:
@@ -11,9 +11,13 @@ meta-iteration, the peak extra memory and how far its meta-gradient is from the 
                (BatchNorm on batch statistics via fastmaml.meta.batch_stats_only, as vmap requires)
   learn2learn  learn2learn.algorithms.MAML itself, when --l2l-path points at its package directory
 
-Workload: Conv4 (64 filters, BatchNorm), 1x28x28 random images shaped like Omniglot 5-way 1-shot
-with 15 query images per class, T = 8 tasks per meta-batch, K = 5 inner steps, inner lr 0.4,
-second order, Adam on the meta-parameters.
+Workloads (--workload):
+  conv4      Conv4 (64 filters, BatchNorm), 1x28x28 random images shaped like Omniglot 5-way 1-shot
+             with 15 query images per class, T = 8 tasks per meta-batch, K = 5 inner steps, inner
+             lr 0.4 (the default)
+  sinusoid   Finn et al.'s regression MLP 1-40-40-1 (ReLU), MSE, 10 support and 10 query points per
+             task (amplitude in [0.1, 5], phase in [0, pi], x in [-5, 5]), T = 25, K = 1, inner lr 0.01
+Second order, Adam on the meta-parameters.
 
 Every variant runs in its own subprocess (same seed, same initial weights, same episodes).
 Time: median (min-max) wall time and median process CPU time of the timed meta-iterations
@@ -31,6 +35,7 @@ Usage:
     python examples/l2l_style_before_after.py                      # the table of docs/dropin.md
     python examples/l2l_style_before_after.py --l2l-path /path/to/site-packages/learn2learn
     python examples/l2l_style_before_after.py --iters 2 --warmup 1 --filters 16   # a quick look
+    python examples/l2l_style_before_after.py --workload sinusoid                  # the MLP table
 """
 from __future__ import annotations
 
@@ -44,8 +49,11 @@ import sys
 import tempfile
 import time
 
+import math
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call
 
 from fastmaml.compat import MAML, stack_tasks
@@ -55,6 +63,24 @@ from fastmaml.meta.models import Conv4
 N_WAY, K_SHOT, N_QUERY = 5, 1, 15
 VARIANTS = ("before", "compat", "batched", "torchfunc", "learn2learn")
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+# Defaults per workload: tasks T, inner steps K, inner lr, timed iterations.
+WORKLOADS = {"conv4": dict(tasks=8, steps=5, lr=0.4, iters=5), "sinusoid": dict(tasks=25, steps=1, lr=0.01, iters=50)}
+
+
+def sinusoid_episode(gen: torch.Generator, dtype: torch.dtype, device: str = "cpu", points: int = 10):
+    """One sine-regression task (Finn et al. 2017): (xs [10, 1], ys [10, 1], xq [10, 1], yq [10, 1])."""
+    amplitude = 0.1 + 4.9 * torch.rand((), generator=gen)
+    phase = math.pi * torch.rand((), generator=gen)
+    x = 10.0 * torch.rand(2 * points, 1, generator=gen) - 5.0
+    y = amplitude * torch.sin(x - phase)
+    x, y = x.to(device, dtype), y.to(device, dtype)
+    return x[:points], y[:points], x[points:], y[points:]
+
+
+def sinusoid_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
 
 
 def episode(gen: torch.Generator, dtype: torch.dtype, device: str = "cpu"):
@@ -71,32 +97,33 @@ def episode(gen: torch.Generator, dtype: torch.dtype, device: str = "cpu"):
 # -------------------------------------------------------------------------------------------
 def step_before(model, tasks, num_steps, lr, state):
     """Plain autograd, task by task: learn2learn's pattern without learn2learn."""
+    loss_fn = state["loss_fn"]
     theta = dict(model.named_parameters())
     for xs, ys, xq, yq in tasks:
         fast = dict(theta)                                                   # learner = maml.clone()
         for _ in range(num_steps):                                           # learner.adapt(loss)
-            loss = F.cross_entropy(functional_call(model, fast, (xs,)), ys)
+            loss = loss_fn(functional_call(model, fast, (xs,)), ys)
             grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
             fast = {name: p - lr * g for (name, p), g in zip(fast.items(), grads)}
-        (F.cross_entropy(functional_call(model, fast, (xq,)), yq) / len(tasks)).backward()
+        (loss_fn(functional_call(model, fast, (xq,)), yq) / len(tasks)).backward()
 
 
 def step_compat(model, tasks, num_steps, lr, state):
     """fastmaml.compat.MAML: the learn2learn API on fastmaml's fused update."""
     if "maml" not in state:
         state["maml"] = MAML(model, lr=lr, first_order=False)
-    maml = state["maml"]
+    maml, loss_fn = state["maml"], state["loss_fn"]
     for xs, ys, xq, yq in tasks:
         learner = maml.clone()
         for _ in range(num_steps):
-            learner.adapt(F.cross_entropy(learner(xs), ys))
-        (F.cross_entropy(learner(xq), yq) / len(tasks)).backward()
+            learner.adapt(loss_fn(learner(xs), ys))
+        (loss_fn(learner(xq), yq) / len(tasks)).backward()
 
 
 def step_batched(model, tasks, num_steps, lr, state):
     """All tasks at once: one maml_loss call on the stacked [T, ...] episodes."""
     support, query = stack_tasks(tasks)
-    maml_loss(model, F.cross_entropy, support, query, num_steps=num_steps, lr=lr).backward()
+    maml_loss(model, state["loss_fn"], support, query, num_steps=num_steps, lr=lr).backward()
 
 
 def step_torchfunc(model, tasks, num_steps, lr, state):
@@ -105,9 +132,10 @@ def step_torchfunc(model, tasks, num_steps, lr, state):
 
     (xs, ys), (xq, yq) = stack_tasks(tasks)
     theta = dict(model.named_parameters())
+    loss_fn = state["loss_fn"]
 
     def loss_at(params, x, y):
-        return F.cross_entropy(functional_call(model, params, (x,)), y)
+        return loss_fn(functional_call(model, params, (x,)), y)
 
     def task_query_loss(params, xs, ys, xq, yq):
         for _ in range(num_steps):
@@ -140,12 +168,12 @@ def step_learn2learn(model, tasks, num_steps, lr, state):
     """learn2learn.algorithms.MAML itself (the BEFORE code of docs/dropin.md, verbatim)."""
     if "maml" not in state:
         state["maml"] = state["l2l_class"](model, lr=lr, first_order=False)
-    maml = state["maml"]
+    maml, loss_fn = state["maml"], state["loss_fn"]
     for xs, ys, xq, yq in tasks:
         learner = maml.clone()
         for _ in range(num_steps):
-            learner.adapt(F.cross_entropy(learner(xs), ys))
-        (F.cross_entropy(learner(xq), yq) / len(tasks)).backward()
+            learner.adapt(loss_fn(learner(xs), ys))
+        (loss_fn(learner(xq), yq) / len(tasks)).backward()
 
 
 STEPS = {"before": step_before, "compat": step_compat, "batched": step_batched, "torchfunc": step_torchfunc,
@@ -168,12 +196,15 @@ def run_variant(spec: dict) -> dict:
     dtype = getattr(torch, spec["dtype"])
     torch.manual_seed(0)
     device = spec["device"]
-    model = Conv4(1, spec["filters"], N_WAY, 28).to(device, dtype).train()
+    sinusoid = spec.get("workload") == "sinusoid"
+    model = sinusoid_mlp() if sinusoid else Conv4(1, spec["filters"], N_WAY, 28)
+    model = model.to(device, dtype).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(1)
     n_iter = spec["warmup"] + spec["iters"]
-    batches = [[episode(gen, dtype, device) for _ in range(spec["tasks"])] for _ in range(n_iter)]
-    state = {}
+    make = sinusoid_episode if sinusoid else episode
+    batches = [[make(gen, dtype, device) for _ in range(spec["tasks"])] for _ in range(n_iter)]
+    state = {"loss_fn": F.mse_loss if sinusoid else F.cross_entropy}
     if spec["variant"] == "learn2learn":
         state["l2l_class"] = load_learn2learn_maml(spec["l2l_path"])
     step = STEPS[spec["variant"]]
@@ -242,11 +273,14 @@ def load_average() -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tasks", type=int, default=8, help="tasks per meta-batch T")
-    ap.add_argument("--steps", type=int, default=5, help="inner steps K")
-    ap.add_argument("--lr", type=float, default=0.4, help="inner step size")
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="conv4",
+                    help="conv4 (Omniglot-shaped, the default) or sinusoid (Finn et al.'s MLP)")
+    ap.add_argument("--tasks", type=int, default=None, help="tasks per meta-batch T (conv4: 8, sinusoid: 25)")
+    ap.add_argument("--steps", type=int, default=None, help="inner steps K (conv4: 5, sinusoid: 1)")
+    ap.add_argument("--lr", type=float, default=None, help="inner step size (conv4: 0.4, sinusoid: 0.01)")
     ap.add_argument("--filters", type=int, default=64, help="Conv4 filters")
-    ap.add_argument("--iters", type=int, default=5, help="timed meta-iterations per variant")
+    ap.add_argument("--iters", type=int, default=None,
+                    help="timed meta-iterations per variant (conv4: 5, sinusoid: 50)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed meta-iterations first, in every round")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of all variants, one after the other")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in each variant's process")
@@ -256,6 +290,11 @@ def main(argv=None) -> None:
     ap.add_argument("--l2l-path", default=None, help="learn2learn's package directory (…/site-packages/learn2learn)")
     ap.add_argument("--no-check64", action="store_true", help="skip the float64 gradient agreement run")
     args = ap.parse_args(argv)
+    for key, value in WORKLOADS[args.workload].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.tasks < 1 or args.steps < 0 or args.iters < 1:
+        ap.error(f"--tasks and --iters must be >= 1 and --steps >= 0, got {args.tasks}, {args.iters}, {args.steps}")
     variants = [v for v in args.variants.split(",") if v]
     if args.l2l_path and "learn2learn" not in variants:
         variants.append("learn2learn")
@@ -270,10 +309,14 @@ def main(argv=None) -> None:
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{os.cpu_count()} CPUs"
     print(f"torch {torch.__version__}, {args.device} ({where}), {args.threads} thread(s) per variant, "
           f"load average {load_average()} (start)")
-    print(f"Conv4-{args.filters} + BN, 1x28x28, {N_WAY}-way {K_SHOT}-shot, {N_QUERY} query/class, "
-          f"T = {args.tasks}, K = {args.steps}, lr = {args.lr}, second order, float32")
-    base = dict(tasks=args.tasks, steps=args.steps, lr=args.lr, filters=args.filters, threads=args.threads,
-                l2l_path=args.l2l_path, device=args.device)
+    if args.workload == "sinusoid":
+        print(f"sinusoid MLP 1-40-40-1 (ReLU), MSE, 10 support + 10 query points, "
+              f"T = {args.tasks}, K = {args.steps}, lr = {args.lr}, second order, float32")
+    else:
+        print(f"Conv4-{args.filters} + BN, 1x28x28, {N_WAY}-way {K_SHOT}-shot, {N_QUERY} query/class, "
+              f"T = {args.tasks}, K = {args.steps}, lr = {args.lr}, second order, float32")
+    base = dict(workload=args.workload, tasks=args.tasks, steps=args.steps, lr=args.lr, filters=args.filters,
+                threads=args.threads, l2l_path=args.l2l_path, device=args.device)
     rows, grads32, grads64 = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
@@ -311,7 +354,8 @@ def main(argv=None) -> None:
         if v != "before" and grads64:
             (agree if d64[1] <= 1e-10 else disagree).append(v)
         cpu = statistics.median(rows[v]["cpu_ms"])
-        print(f"{v:>12} {med:8.0f} {min(t):6.0f} {max(t):6.0f} {ref_ms / med:6.2f} {cpu:6.0f} {ref_cpu / cpu:5.2f} "
+        p = 0 if ref_ms >= 100 else 2  # decimals: the sinusoid iterations take milliseconds
+        print(f"{v:>12} {med:8.{p}f} {min(t):6.{p}f} {max(t):6.{p}f} {ref_ms / med:6.2f} {cpu:6.{p}f} {ref_cpu / cpu:5.2f} "
               f"{rows[v]['extra_mb']:8.0f} {rows[v]['extra_mb'] / ref_mb:5.2f} "
               f"{d32[0]:8.1e} {d32[1]:8.1e} {d64[0]:8.1e} {d64[1]:8.1e}")
     print(f"{args.rounds} round(s) x {args.iters} timed iterations per variant; peak +MB: median over rounds")
