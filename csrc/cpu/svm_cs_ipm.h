@@ -269,13 +269,13 @@ GroupResult<T, W> solve_group(const T* Kr, const int64_t* labels, int64_t n, int
   const int64_t N = n * c, NW = N * W, nW = n * W;
   const T tiny = std::numeric_limits<T>::min();
   const T inf = std::numeric_limits<T>::infinity();
-  AlignedArray<V> buf(N * 17 + n * 6);
+  AlignedArray<V> buf(N * 17 + n * 4);
   T* next = reinterpret_cast<T*>(buf.data());
   auto take = [&next](int64_t size) { T* q = next; next += size; return q; };
   T *z = take(NW), *lam = take(NW), *s = take(NW), *w = take(NW), *h = take(NW), *pv = take(NW), *Qz = take(NW),
     *r_d = take(NW), *r_in = take(NW), *rz = take(NW), *dz = take(NW), *dlam = take(NW), *ds = take(NW),
     *u = take(NW), *rc = take(NW), *best_lam = take(NW), *best_s = take(NW);
-  T *y = take(nW), *dy = take(nW), *r_eq = take(nW), *best_y = take(nW), *ry = take(nW), *zero_n = take(nW);
+  T *y = take(nW), *dy = take(nW), *r_eq = take(nW), *ry = take(nW);
   T* best_z = z_out;
   NewtonSystem<T, W> newton(n, c, Kr, w);
   GroupResult<T, W> res;
@@ -290,7 +290,6 @@ GroupResult<T, W> solve_group(const T* Kr, const int64_t* labels, int64_t n, int
       }
     }
   }
-  std::fill(zero_n, zero_n + nW, T(0));
   T h_scale[W], p_scale[W];
   FASTMAML_LANES h_scale[l] = p_scale[l] = T(0);
   for (int64_t q = 0; q < N; ++q) {
@@ -312,7 +311,7 @@ GroupResult<T, W> solve_group(const T* Kr, const int64_t* labels, int64_t n, int
   std::fill(w, w + NW, T(1));
   newton.factor(ok);
   for (int64_t q = 0; q < NW; ++q) rz[q] = -pv[q] + h[q];
-  newton.solve(rz, zero_n, z, y, nullptr);
+  newton.solve(rz, nullptr, z, y, nullptr);  // b = 0
   for (int64_t q = 0; q < NW; ++q) {
     s[q] = h[q] - z[q];
     lam[q] = -s[q];
@@ -419,7 +418,6 @@ GroupResult<T, W> solve_group(const T* Kr, const int64_t* labels, int64_t n, int
           best_lam[q * W + l] = lam[q * W + l];
           best_s[q * W + l] = s[q * W + l];
         }
-        for (int64_t i = 0; i < n; ++i) best_y[i * W + l] = y[i * W + l];
         res.pres[l] = pres;
         res.dres[l] = dres;
         res.gap[l] = gap;
