@@ -25,7 +25,7 @@ def maml_loss(model, loss_fn: Optional[Callable] = None, support=None, query=Non
               adapt: AdaptSpec = "all", engine: str = "recursion", reduction: str = "mean",
               fd_dtype: Optional[torch.dtype] = None, imaml_lambda: float = 1.0, cg_iters: int = 20,
               cg_tol: float = 1e-10, check_finite: bool = True, batching: str = "auto",
-              info: Optional[dict] = None) -> Tensor:
+              reuse_last_step: bool = True, info: Optional[dict] = None) -> Tensor:
     """Query loss after a batched inner loop; ``.backward()`` gives the meta-gradients.
 
     Args:
@@ -59,6 +59,12 @@ def maml_loss(model, loss_fn: Optional[Callable] = None, support=None, query=Non
             applies, else a loop for T <= 16 or per-task batches of 32 samples or more, else vmap;
             the same results either way, see ``resolve_batching``), or ``"stacked"`` (all tasks in
             one forward pass, ``fastmaml.meta.stacked``; never chosen by ``"auto"``).
+        reuse_last_step: second-order MAML with a double-backward HVP (``"exact"`` or
+            ``"reverse_over_reverse"``) under the loop batching: run the last inner step with its
+            graph, task by task, and take the backward's first HVP (at ``phi_{K-1}``) through that
+            graph during the forward pass instead of recomputing the support pass in the backward
+            (one support forward + backward less per call; holds one task's support graph at a
+            time, not one per step). ``False`` recomputes it like every other step. Ignored elsewhere.
         info: a dict filled with ``support_losses [K, T]`` and, after backward, iMAML's
             ``cg_iterations``, ``cg_task_iterations``, ``cg_residual``, ``cg_converged``.
 
@@ -84,6 +90,8 @@ def maml_loss(model, loss_fn: Optional[Callable] = None, support=None, query=Non
         raise ValueError(f"engine must be 'recursion' or 'autograd', got {engine!r}")
     hvp_mode = resolve_hvp_mode(hvp_mode)
     resolve_batching(batching, ())
+    if not isinstance(reuse_last_step, bool):
+        raise TypeError(f"reuse_last_step must be a bool, got {type(reuse_last_step).__name__}")
     if support is None:
         raise TypeError("support (x, y) is required")
     if query is None and algorithm != "reptile":
@@ -111,7 +119,8 @@ def maml_loss(model, loss_fn: Optional[Callable] = None, support=None, query=Non
         cfg = EngineConfig(task_model=tm, support=tuple(support), query=None if query is None else tuple(query),
                            per_step=refs, n_a=len(theta_a), n_f=len(fixed), n_lr=len(lr_tensors),
                            algorithm=algorithm, hvp_mode=hvp_mode, fd_dtype=fd_dtype, check_finite=check_finite,
-                           batching=batching, info=info)
+                           batching=batching, reuse_last_step=reuse_last_step and torch.is_grad_enabled(),
+                           info=info)
         if algorithm == "imaml":
             if not (isinstance(imaml_lambda, (int, float)) and imaml_lambda > 0):
                 raise ValueError(f"imaml_lambda must be a positive float, got {imaml_lambda!r}")
@@ -135,7 +144,8 @@ class MAML(nn.Module):
         lr: initial inner step size.
         lr_form: ``"fixed"`` (a float, not learned), ``"scalar"`` (one learnable scalar),
             ``"lslr"`` (MAML++: per tensor per step) or ``"meta_sgd"`` (per element).
-        algorithm, hvp_mode, adapt, engine, fd_dtype, imaml_lambda, cg_iters, batching: see ``maml_loss``.
+        algorithm, hvp_mode, adapt, engine, fd_dtype, imaml_lambda, cg_iters, batching, reuse_last_step:
+            see ``maml_loss``.
 
     Example:
         >>> maml = MAML(Conv4(1, 64, 5, 28), F.cross_entropy, num_steps=5, lr=0.4, lr_form="lslr")
@@ -148,7 +158,8 @@ class MAML(nn.Module):
     def __init__(self, model: nn.Module, loss_fn: Callable, *, num_steps: int = 1, lr: float = 0.01,
                  lr_form: str = "fixed", algorithm: str = "maml", hvp_mode: str = "exact",
                  adapt: AdaptSpec = "all", engine: str = "recursion", fd_dtype: Optional[torch.dtype] = None,
-                 imaml_lambda: float = 1.0, cg_iters: int = 20, batching: str = "auto"):
+                 imaml_lambda: float = 1.0, cg_iters: int = 20, batching: str = "auto",
+                 reuse_last_step: bool = True):
         super().__init__()
         self.model = model
         self.task_model = TaskModel(model, loss_fn, adapt=adapt)
@@ -166,7 +177,8 @@ class MAML(nn.Module):
         else:
             raise ValueError(f"lr_form must be 'fixed', 'scalar', 'lslr' or 'meta_sgd', got {lr_form!r}")
         self.settings = dict(algorithm=algorithm, hvp_mode=hvp_mode, engine=engine, fd_dtype=fd_dtype,
-                             imaml_lambda=imaml_lambda, cg_iters=cg_iters, batching=batching)
+                             imaml_lambda=imaml_lambda, cg_iters=cg_iters, batching=batching,
+                             reuse_last_step=reuse_last_step)
         self.last_info: dict = {}
 
     def forward(self, support, query=None, reduction: str = "mean") -> Tensor:

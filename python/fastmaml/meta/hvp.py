@@ -209,6 +209,67 @@ def _loop_hvp_double_backward(task_loss, params, fixed, v, task_args, wrt, share
                                                             if wrt else [])
 
 
+def loop_last_step(task_loss, params, fixed, support, query, step, *, shared: bool, wrt_fixed: bool):
+    """The last inner step, the query gradient and the first HVP of the MAML backward, task by task.
+
+    For each task t: ``g_t = grad L_support(phi_t)`` with its graph (``create_graph``), ``phi'_t =
+    phi_t - alpha * g_t``, the query gradient at ``phi'_t``, then ``H_t(phi_t) (alpha * gq_t)`` by a
+    double backward through that same graph, which is freed before the next task. The backward
+    recursion's first step needs ``H(phi_{K-1}) (alpha * w_t gq_t) = w_t H (alpha * gq_t)`` (``w_t``
+    the incoming gradient of task t's loss, a scalar): computing it here reuses the activations of
+    the forward pass instead of recomputing them, and holds one task's graph at a time.
+
+    Args:
+        task_loss: ``L(params, fixed, x, y) -> scalar`` for one task.
+        params: ``phi_{K-1}``: tensors ``[T, ...]``, or without the task dimension when ``shared``.
+        fixed: tensors shared by the tasks; with ``wrt_fixed`` the query gradient and the HVP's
+            mixed block with respect to them are returned too.
+        support: per-task support data ``[T, ...]`` (e.g. ``(x, y)``).
+        query: per-task query data ``[T, ...]``.
+        step: the step sizes of the last step, one per tensor of ``params`` (floats or detached
+            tensors: scalars or parameter-shaped, Meta-SGD).
+        shared: ``params`` have no task dimension.
+        wrt_fixed: differentiate with respect to ``fixed`` too.
+
+    Returns:
+        A dict of ``[T]`` / ``[T, ...]`` tensors: ``support_losses``, ``grads`` (``g_t``),
+        ``query_losses``, ``query_grads`` and ``query_grads_fixed`` (``[]`` without ``wrt_fixed``),
+        ``hvp`` and ``hvp_fixed`` (``H_aa (alpha * gq_t)`` and ``H_fa (alpha * gq_t)``).
+    """
+    num_tasks = support[0].shape[0]
+    wrt = wrt_fixed and len(fixed) > 0
+    rows = []
+    for t in range(num_tasks):
+        with torch.enable_grad():
+            p = _leaves(params, t, shared)
+            f = [q.detach().requires_grad_() for q in fixed] if wrt else [q.detach() for q in fixed]
+            loss = task_loss(p, f, *[a[t] for a in support])
+            g = torch.autograd.grad(loss, p, create_graph=True, allow_unused=True)
+        with torch.no_grad():
+            nxt = [(pi.detach() if gi is None else pi.detach() - a * gi.detach()) for pi, gi, a in zip(p, g, step)]
+        with torch.enable_grad():
+            pq = [q.requires_grad_() for q in nxt]
+            fq = [q.detach().requires_grad_() for q in fixed] if wrt else [q.detach() for q in fixed]
+            q_loss = task_loss(pq, fq, *[a[t] for a in query])
+            gq = _zeros_for_none(torch.autograd.grad(q_loss, pq + (fq if wrt else []), allow_unused=True),
+                                 pq + (fq if wrt else []))
+            targets = p + (f if wrt else [])
+            pairs = [(gi, a * gqi) for gi, gqi, a in zip(g, gq, step) if gi is not None and gi.requires_grad]
+            # retain_graph=False: this task's activations are freed here
+            hv = (torch.autograd.grad([gi for gi, _ in pairs], targets, [ui for _, ui in pairs], allow_unused=True)
+                  if pairs else [None] * len(targets))
+        g = _zeros_for_none([None if gi is None else gi.detach() for gi in g], p)
+        rows.append((loss.detach(), g, q_loss.detach(), gq, _zeros_for_none(hv, targets)))
+    n_p = len(params)
+
+    def stack(j, lo=0, hi=None):
+        return [torch.stack([r[j][i] for r in rows]) for i in range(lo, len(rows[0][j]) if hi is None else hi)]
+
+    return {"support_losses": torch.stack([r[0] for r in rows]), "grads": stack(1),
+            "query_losses": torch.stack([r[2] for r in rows]), "query_grads": stack(3, 0, n_p),
+            "query_grads_fixed": stack(3, n_p), "hvp": stack(4, 0, n_p), "hvp_fixed": stack(4, n_p)}
+
+
 def over_tasks(fn, in_dims, args, batching: str):
     """``vmap(fn, in_dims)(*args)``, or the same computed by a Python loop over tasks and stacked.
 

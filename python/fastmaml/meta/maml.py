@@ -26,8 +26,8 @@ from torch import Tensor
 from ..ops.multi_tensor import task_axpby
 from .functional import TaskModel, check_losses_finite
 from .fused_mlp import LowRank, dense
-from .hvp import batched_grad, hvp
-from .inner_loop import run_inner_loop
+from .hvp import batched_grad, fused_plan, hvp, loop_last_step, resolve_batching
+from .inner_loop import detached_step, run_inner_loop
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "imaml")
 _EXACT_MODES = ("exact", "forward_over_reverse", "reverse_over_reverse")
@@ -47,6 +47,7 @@ class EngineConfig:
     fd_dtype: Optional[torch.dtype] = None
     check_finite: bool = True
     batching: str = "auto"
+    reuse_last_step: bool = True  # the front door passes False under no_grad (no HVP wanted then)
     info: dict = field(default_factory=dict)
 
 
@@ -77,8 +78,10 @@ class MetaGradient(torch.autograd.Function):
         keep = cfg.algorithm in ("maml", "fomaml")
         fd_reuse = second and cfg.hvp_mode == "fd_forward" and cfg.fd_dtype in (None, theta_a[0].dtype if theta_a
                                                                                  else fixed[0].dtype)
+        phi0 = tm.shared_start(theta_a)
+        if _reuses_last_step(ctx, cfg, phi0, fixed):
+            return _forward_reusing_last_step(ctx, cfg, phi0, fixed, per_step, theta_a, lr_tensors)
         with torch.enable_grad():  # torch.func transforms inside need grad mode
-            phi0 = tm.shared_start(theta_a)
             phi, history, sup_losses = run_inner_loop(tm, phi0, fixed, cfg.support, per_step, keep_history=keep,
                                                       history_fixed_grads=fd_reuse and n_f > 0,
                                                       check_finite=cfg.check_finite, shared_start=True,
@@ -105,6 +108,7 @@ class MetaGradient(torch.autograd.Function):
         ctx.phi_k = phi
         ctx.gq = (gq_a, gq_f)
         ctx.fd_reuse = fd_reuse
+        ctx.last_hvp = None
         ctx.save_for_backward(*theta_a, *fixed, *lr_tensors)
         return q_losses.detach()
 
@@ -146,6 +150,14 @@ class MetaGradient(torch.autograd.Function):
                     grad_lr[j] = -red.reshape(a.shape) if grad_lr[j] is None else grad_lr[j] - red.reshape(a.shape)
             if cfg.algorithm == "fomaml":
                 continue
+            if k == len(ctx.history) - 1 and ctx.last_hvp is not None:
+                # H(phi_{K-1}) (alpha * w_t gq_t) = w_t H (alpha * gq_t), computed in the forward pass
+                hq_a, hq_f = ctx.last_hvp
+                v = [dense(vi) - _per_task(w, h) * h for vi, h in zip(v, hq_a)]
+                for i, h in enumerate(hq_f):
+                    grad_f[i] = grad_f[i] - (_per_task(w, h) * h).sum(0)
+                ctx.history[k] = ctx.last_hvp = None
+                continue
             u = [vi.scale(a) if isinstance(vi, LowRank) and (not isinstance(a, Tensor) or a.numel() == 1)
                  else dense(vi) * a for vi, a in zip(v, step)]  # alpha_k * v_{k+1}
             # At the shared start (k = 0) only sum_t v_0 is used: ask for sum_t H u directly (the
@@ -168,3 +180,46 @@ class MetaGradient(torch.autograd.Function):
                   if not tm.context else [])
         lr_out = [None if g is None else g.to(t.dtype) for g, t in zip(grad_lr, lr_tensors)]
         return (None, *grad_a, *grad_f, *lr_out)
+
+
+def _reuses_last_step(ctx, cfg: EngineConfig, phi0, fixed) -> bool:
+    """Whether the forward pass computes the backward's first HVP on the last step's own graph
+    (``loop_last_step``): second-order MAML with a double-backward HVP under the loop batching,
+    a query, K >= 1, and a gradient to compute (else the HVP would be wasted work)."""
+    if not (cfg.reuse_last_step and cfg.algorithm == "maml" and cfg.query is not None and cfg.per_step
+            and cfg.hvp_mode in ("exact", "reverse_over_reverse") and any(ctx.needs_input_grad[1:])):
+        return False
+    if resolve_batching(cfg.batching, cfg.support) != "loop":
+        return False  # vmap: autograd over vmap(grad) is the composition that is wrong through BN
+    return fused_plan(cfg.batching, cfg.task_model.task_loss, phi0, fixed, cfg.support, True) is None
+
+
+def _forward_reusing_last_step(ctx, cfg: EngineConfig, phi0, fixed, per_step, theta_a, lr_tensors):
+    """``MetaGradient.forward`` when the last step's graph is reused: K - 1 steps as usual, then
+    the last step, the query gradient and ``H(phi_{K-1}) (alpha * gq)`` task by task."""
+    tm = cfg.task_model
+    n_f = cfg.n_f
+    with torch.enable_grad():
+        if len(per_step) > 1:
+            phi, history, sup_losses = run_inner_loop(tm, phi0, fixed, cfg.support, per_step[:-1], keep_history=True,
+                                                      check_finite=cfg.check_finite, shared_start=True,
+                                                      batching=cfg.batching)
+            shared = False
+        else:
+            phi, history, sup_losses, shared = phi0, [], phi0[0].new_zeros(0, cfg.support[0].shape[0]), True
+        out = loop_last_step(tm.task_loss, phi, fixed, cfg.support, cfg.query, detached_step(per_step[-1]),
+                             shared=shared, wrt_fixed=n_f > 0)
+    if cfg.check_finite:
+        check_losses_finite(out["support_losses"], f"inner step {len(per_step) - 1} (support loss)")
+        check_losses_finite(out["query_losses"], "query loss after the inner loop")
+    # phi_{K-1} is not needed any more: the step sizes' gradient uses g_{K-1}, the HVP is done
+    history.append((None, out["grads"], [], shared))
+    cfg.info["support_losses"] = torch.cat([sup_losses, out["support_losses"].unsqueeze(0)])
+    ctx.cfg = cfg
+    ctx.history = history
+    ctx.phi_k = None
+    ctx.gq = (out["query_grads"], out["query_grads_fixed"])
+    ctx.fd_reuse = False
+    ctx.last_hvp = (out["hvp"], out["hvp_fixed"])
+    ctx.save_for_backward(*theta_a, *fixed, *lr_tensors)
+    return out["query_losses"].detach()
