@@ -58,18 +58,21 @@ def test_reuse_matches_reference_and_saves_one_hvp(num_steps, num_tasks, monkeyp
     ref = grads_of(maml_loss(tm, support=sup, query=qry, num_steps=num_steps, lr=0.3, engine="autograd"), params)
     counter = CountingHVP(monkeypatch)
     got = {}
-    for reuse in (True, False):
+    for reuse, keep_first in ((True, False), (False, False), (True, True)):
         counter.calls = 0
-        got[reuse] = grads_of(maml_loss(tm, support=sup, query=qry, num_steps=num_steps, lr=0.3, batching="loop",
-                                        reuse_last_step=reuse), params)
-        # the reused graph replaces exactly one recomputed HVP (the one at phi_{K-1})
-        assert counter.calls == num_steps - (1 if reuse else 0)
-        assert rel_err(got[reuse], ref) < 1e-10
-    assert rel_err(got[True], got[False]) < 1e-10
+        got[reuse, keep_first] = grads_of(maml_loss(tm, support=sup, query=qry, num_steps=num_steps, lr=0.3,
+                                                    batching="loop", reuse_last_step=reuse,
+                                                    keep_first_graph=keep_first), params)
+        # each reused graph replaces exactly one recomputed HVP (at phi_{K-1}, and at theta when K >= 2)
+        saved = (1 if reuse else 0) + (1 if keep_first and num_steps >= 2 else 0)
+        assert counter.calls == num_steps - saved
+        assert rel_err(got[reuse, keep_first], ref) < 1e-10
+    assert rel_err(got[True, False], got[False, False]) < 1e-10
 
 
+@pytest.mark.parametrize("keep_first", [False, True])
 @pytest.mark.parametrize("adapt,lr_form", [("all", "meta_sgd"), ("all", "lslr"), ("head", "scalar")])
-def test_reuse_with_learnable_step_sizes_and_anil(adapt, lr_form):
+def test_reuse_with_learnable_step_sizes_and_anil(adapt, lr_form, keep_first):
     tm, sup, qry = conv_problem(3, adapt=adapt, seed=1)
     if lr_form == "meta_sgd":
         lr = meta_sgd_step_sizes(tm, 0.2, dtype=F64)
@@ -85,7 +88,7 @@ def test_reuse_with_learnable_step_sizes_and_anil(adapt, lr_form):
     ref = grads_of((maml_loss(tm, support=sup, query=qry, num_steps=2, lr=lr, engine="autograd",
                               reduction="none") * w).sum(), params)
     got = grads_of((maml_loss(tm, support=sup, query=qry, num_steps=2, lr=lr, batching="loop",
-                              reduction="none") * w).sum(), params)
+                              keep_first_graph=keep_first, reduction="none") * w).sum(), params)
     assert rel_err(got, ref) < 1e-10
     assert rel_err(got[-len(lrs):], ref[-len(lrs):]) < 1e-10
 
@@ -113,6 +116,8 @@ def test_reuse_last_step_must_be_bool():
         maml_loss(tm, support=sup, query=qry, num_steps=1, lr=0.3, reuse_last_step="yes")
     with pytest.raises(TypeError, match="reuse_last_step"):
         MAML(tm.model, F.cross_entropy, num_steps=1, reuse_last_step=1)(sup, qry)
+    with pytest.raises(TypeError, match="keep_first_graph"):
+        maml_loss(tm, support=sup, query=qry, num_steps=1, lr=0.3, keep_first_graph=None)
 
 
 def test_nonfinite_last_step_names_the_step_and_task():
@@ -142,14 +147,14 @@ sup = (torch.randn(T, 10, 1, 28, 28), torch.arange(5).repeat(T, 2))
 qry = (torch.randn(T, 10, 1, 28, 28), torch.arange(5).repeat(T, 2))
 params = list(tm.model.parameters())
 out = {}
-for engine in ("recursion", "autograd"):
-    for k in (1, 4, 1, 4):  # the first pair warms the allocator up
+for name, kw in (("recursion", {}), ("keepfirst", dict(keep_first_graph=True)), ("autograd", dict(engine="autograd"))):
+    for k in (2, 5, 2, 5):  # the first pair warms the allocator up
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
         before = _status_kb("VmRSS")
-        torch.autograd.grad(maml_loss(tm, support=sup, query=qry, num_steps=k, lr=0.4, batching="loop",
-                                      engine=engine), params)
-        out[f"{engine}{k}"] = (_status_kb("VmHWM") - before) / 1024.0
+        torch.autograd.grad(maml_loss(tm, support=sup, query=qry, num_steps=k, lr=0.4, batching="loop", **kw),
+                            params)
+        out[f"{name}{k}"] = (_status_kb("VmHWM") - before) / 1024.0
 out["P"] = sum(p.numel() for p in params)
 print(json.dumps(out))
 """
@@ -157,7 +162,8 @@ print(json.dumps(out))
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs procfs to reset the RSS peak")
 def test_memory_stays_flat_in_inner_steps():
-    """Peak extra RSS, measured as the benchmark does: K = 4 may add 3 x (params + grads) per task."""
+    """Peak extra RSS, measured as the benchmark does: K = 5 may add 3 x (params + grads) per task
+    over K = 2 (with or without the kept first-step graph, which is one step's activations)."""
     from fastmaml.bench.meta import MALLOC_ENV
 
     res = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, timeout=120,
@@ -166,6 +172,7 @@ def test_memory_stays_flat_in_inner_steps():
     m = json.loads(res.stdout.strip().splitlines()[-1])
     per_step_mb = 2 * 2 * m["P"] * 4 / 2**20  # 2 T P float32
     allowed = 3 * per_step_mb + 1.5  # + page / allocator slack
-    assert m["recursion4"] - m["recursion1"] < allowed, m
+    assert m["recursion5"] - m["recursion2"] < allowed, m
+    assert m["keepfirst5"] - m["keepfirst2"] < allowed, m
     # the check can fail: the all-steps graph of the autograd engine grows by far more
-    assert m["autograd4"] - m["autograd1"] > 3 * allowed, m
+    assert m["autograd5"] - m["autograd2"] > 3 * allowed, m

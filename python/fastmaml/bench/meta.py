@@ -18,6 +18,8 @@ Providers of the second-order meta-gradient (d mean_t L_query / d theta):
                   the fused MLP path every exact mode is the same R-operator)
   fastmaml_vmap   (on request) maml_loss(batching="vmap"): the generic vmap path, what "auto" ran on C
                   before the fused MLP path
+  fastmaml_nolast, fastmaml_keepfirst (on request): fastmaml_exact with reuse_last_step=False (every
+                  HVP recomputes its support pass, as before) / with keep_first_graph=True
   fastmaml_fd64   maml_loss(hvp_mode="fd_central", fd_dtype=float64)
   fastmaml_fd32   maml_loss(hvp_mode="fd_forward") in float32 (reuses the saved gradients)
 
@@ -60,7 +62,8 @@ ERR_FLOOR = 1e-3
 # fastmaml_fd32 (forward differences in float32) is not run by default: on these ReLU / max-pool
 # nets its error is 7e-2 to 1e3 relative (docs/meta.md); ask for it with --providers.
 PROVIDERS = ("loop_autograd", "func_vmap", "higher", "learn2learn", "fastmaml_exact", "fastmaml_fd64")
-OPTIONAL_PROVIDERS = ("fastmaml_fd32", "fastmaml_fwdrev", "fastmaml_revrev", "fastmaml_stacked", "fastmaml_vmap")
+OPTIONAL_PROVIDERS = ("fastmaml_fd32", "fastmaml_fwdrev", "fastmaml_revrev", "fastmaml_stacked", "fastmaml_vmap",
+                      "fastmaml_nolast", "fastmaml_keepfirst")
 BASELINES = ("loop_autograd", "func_vmap", "higher", "learn2learn")
 PEERS = {"higher": "higher", "learn2learn": "learn2learn"}  # provider -> module it needs
 
@@ -156,7 +159,9 @@ def provider_fn(provider: str, net, loss_fn, support, query, num_steps: int, lr:
           "fastmaml_vmap": dict(hvp_mode="exact", batching="vmap"),
           "fastmaml_fd64": dict(hvp_mode="fd_central", fd_dtype=torch.float64),
           "fastmaml_fd32": dict(hvp_mode="fd_forward"),
-          "fastmaml_revrev": dict(hvp_mode="reverse_over_reverse")}[provider]
+          "fastmaml_revrev": dict(hvp_mode="reverse_over_reverse"),
+          "fastmaml_nolast": dict(hvp_mode="exact", reuse_last_step=False),
+          "fastmaml_keepfirst": dict(hvp_mode="exact", keep_first_graph=True)}[provider]
     return lambda: torch.autograd.grad(maml_loss(tm, support=support, query=query, num_steps=num_steps, lr=lr,
                                                  check_finite=False, **kw), params)
 

@@ -25,7 +25,8 @@ def maml_loss(model, loss_fn: Optional[Callable] = None, support=None, query=Non
               adapt: AdaptSpec = "all", engine: str = "recursion", reduction: str = "mean",
               fd_dtype: Optional[torch.dtype] = None, imaml_lambda: float = 1.0, cg_iters: int = 20,
               cg_tol: float = 1e-10, check_finite: bool = True, batching: str = "auto",
-              reuse_last_step: bool = True, info: Optional[dict] = None) -> Tensor:
+              reuse_last_step: bool = True, keep_first_graph: bool = False,
+              info: Optional[dict] = None) -> Tensor:
     """Query loss after a batched inner loop; ``.backward()`` gives the meta-gradients.
 
     Args:
@@ -65,6 +66,10 @@ def maml_loss(model, loss_fn: Optional[Callable] = None, support=None, query=Non
             graph during the forward pass instead of recomputing the support pass in the backward
             (one support forward + backward less per call; holds one task's support graph at a
             time, not one per step). ``False`` recomputes it like every other step. Ignored elsewhere.
+        keep_first_graph: with ``reuse_last_step`` in effect and K >= 2, also keep the first inner
+            step's graph (all tasks, at ``theta``) from the forward pass to the backward's last HVP,
+            instead of recomputing it: one more support forward + backward saved, for one step's
+            activations held for the whole call (constant in K, ~45 MB on workload A). Off by default.
         info: a dict filled with ``support_losses [K, T]`` and, after backward, iMAML's
             ``cg_iterations``, ``cg_task_iterations``, ``cg_residual``, ``cg_converged``.
 
@@ -90,8 +95,9 @@ def maml_loss(model, loss_fn: Optional[Callable] = None, support=None, query=Non
         raise ValueError(f"engine must be 'recursion' or 'autograd', got {engine!r}")
     hvp_mode = resolve_hvp_mode(hvp_mode)
     resolve_batching(batching, ())
-    if not isinstance(reuse_last_step, bool):
-        raise TypeError(f"reuse_last_step must be a bool, got {type(reuse_last_step).__name__}")
+    for name, flag in (("reuse_last_step", reuse_last_step), ("keep_first_graph", keep_first_graph)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if support is None:
         raise TypeError("support (x, y) is required")
     if query is None and algorithm != "reptile":
@@ -120,7 +126,7 @@ def maml_loss(model, loss_fn: Optional[Callable] = None, support=None, query=Non
                            per_step=refs, n_a=len(theta_a), n_f=len(fixed), n_lr=len(lr_tensors),
                            algorithm=algorithm, hvp_mode=hvp_mode, fd_dtype=fd_dtype, check_finite=check_finite,
                            batching=batching, reuse_last_step=reuse_last_step and torch.is_grad_enabled(),
-                           info=info)
+                           keep_first_graph=keep_first_graph, info=info)
         if algorithm == "imaml":
             if not (isinstance(imaml_lambda, (int, float)) and imaml_lambda > 0):
                 raise ValueError(f"imaml_lambda must be a positive float, got {imaml_lambda!r}")
@@ -144,8 +150,8 @@ class MAML(nn.Module):
         lr: initial inner step size.
         lr_form: ``"fixed"`` (a float, not learned), ``"scalar"`` (one learnable scalar),
             ``"lslr"`` (MAML++: per tensor per step) or ``"meta_sgd"`` (per element).
-        algorithm, hvp_mode, adapt, engine, fd_dtype, imaml_lambda, cg_iters, batching, reuse_last_step:
-            see ``maml_loss``.
+        algorithm, hvp_mode, adapt, engine, fd_dtype, imaml_lambda, cg_iters, batching, reuse_last_step,
+            keep_first_graph: see ``maml_loss``.
 
     Example:
         >>> maml = MAML(Conv4(1, 64, 5, 28), F.cross_entropy, num_steps=5, lr=0.4, lr_form="lslr")
@@ -159,7 +165,7 @@ class MAML(nn.Module):
                  lr_form: str = "fixed", algorithm: str = "maml", hvp_mode: str = "exact",
                  adapt: AdaptSpec = "all", engine: str = "recursion", fd_dtype: Optional[torch.dtype] = None,
                  imaml_lambda: float = 1.0, cg_iters: int = 20, batching: str = "auto",
-                 reuse_last_step: bool = True):
+                 reuse_last_step: bool = True, keep_first_graph: bool = False):
         super().__init__()
         self.model = model
         self.task_model = TaskModel(model, loss_fn, adapt=adapt)
@@ -178,7 +184,7 @@ class MAML(nn.Module):
             raise ValueError(f"lr_form must be 'fixed', 'scalar', 'lslr' or 'meta_sgd', got {lr_form!r}")
         self.settings = dict(algorithm=algorithm, hvp_mode=hvp_mode, engine=engine, fd_dtype=fd_dtype,
                              imaml_lambda=imaml_lambda, cg_iters=cg_iters, batching=batching,
-                             reuse_last_step=reuse_last_step)
+                             reuse_last_step=reuse_last_step, keep_first_graph=keep_first_graph)
         self.last_info: dict = {}
 
     def forward(self, support, query=None, reduction: str = "mean") -> Tensor:

@@ -209,6 +209,46 @@ def _loop_hvp_double_backward(task_loss, params, fixed, v, task_args, wrt, share
                                                             if wrt else [])
 
 
+def loop_grad_keep_graph(task_loss, params, fixed, task_args, *, shared: bool, wrt_fixed: bool):
+    """Per-task gradients by plain autograd with ``create_graph=True``, graphs kept for ``kept_graph_hvp``.
+
+    Returns:
+        ``(losses [T], grads [T, ...] (detached), graphs)``; ``graphs[t]`` holds task t's leaves and
+        its gradient with its graph (one step's activations per task, until ``kept_graph_hvp``).
+    """
+    num_tasks = task_args[0].shape[0]
+    wrt = wrt_fixed and len(fixed) > 0
+    losses, grads, graphs = [], [], []
+    for t in range(num_tasks):
+        with torch.enable_grad():
+            p = _leaves(params, t, shared)
+            f = [q.detach().requires_grad_() for q in fixed] if wrt else [q.detach() for q in fixed]
+            loss = task_loss(p, f, *[a[t] for a in task_args])
+            g = torch.autograd.grad(loss, p, create_graph=True, allow_unused=True)
+        losses.append(loss.detach())
+        grads.append(_zeros_for_none([None if gi is None else gi.detach() for gi in g], p))
+        graphs.append((p, f if wrt else [], g))
+    return (torch.stack(losses), [torch.stack([r[i] for r in grads]) for i in range(len(params))], graphs)
+
+
+def kept_graph_hvp(graphs, v: Sequence[Tensor]):
+    """``H_t v_t`` (and the mixed block with the fixed tensors) by a double backward through the
+    graphs of ``loop_grad_keep_graph``, which are freed task by task. ``v``: ``[T, ...]`` tensors."""
+    out_a, out_f = [], []
+    for t, (p, f, g) in enumerate(graphs):
+        targets = p + f
+        pairs = [(gi, vi[t]) for gi, vi in zip(g, v) if gi is not None and gi.requires_grad]
+        with torch.enable_grad():
+            hv = (torch.autograd.grad([gi for gi, _ in pairs], targets, [vi for _, vi in pairs], allow_unused=True)
+                  if pairs else [None] * len(targets))
+        hv = _zeros_for_none(hv, targets)
+        out_a.append(hv[:len(p)])
+        out_f.append(hv[len(p):])
+        graphs[t] = None  # free this task's activations now
+    stack = lambda rows, i: torch.stack([r[i] for r in rows])  # noqa: E731
+    return [stack(out_a, i) for i in range(len(out_a[0]))], [stack(out_f, i) for i in range(len(out_f[0]))]
+
+
 def loop_last_step(task_loss, params, fixed, support, query, step, *, shared: bool, wrt_fixed: bool):
     """The last inner step, the query gradient and the first HVP of the MAML backward, task by task.
 

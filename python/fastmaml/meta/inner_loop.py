@@ -146,7 +146,7 @@ def run_inner_loop(task_model: TaskModel, phi0: Sequence[Tensor], fixed: Sequenc
                    support: tuple[Tensor, Tensor], per_step: Sequence[Sequence], *, keep_history: bool = False,
                    history_fixed_grads: bool = False, prox: Optional[float] = None,
                    check_finite: bool = True, shared_start: bool = False, batching: str = "auto",
-                   keep_first_state: bool = False, low_rank_first_step: bool = False):
+                   keep_first_state: bool = False, low_rank_first_step: bool = False, first_step: int = 0):
     """K batched inner steps without an autograd graph (the forward pass of the meta-gradient engines).
 
     Args:
@@ -171,6 +171,8 @@ def run_inner_loop(task_model: TaskModel, phi0: Sequence[Tensor], fixed: Sequenc
             ``LowRank`` factors and ``phi_1`` as a ``ShiftedLowRank`` (in ``history`` and, for
             K = 1, the result): for callers that pass them only to ``batched_grad`` / ``hvp``,
             ``fastmaml.meta.fused_mlp.dense`` and ``LowRank.task_dot``.
+        first_step: the index of the first of these steps in the caller's inner loop (for the
+            messages of ``check_finite`` when a caller ran earlier steps itself).
 
     Returns:
         ``(phi_K, history, support_losses)``: ``phi_K`` is ``[T, ...]``; ``support_losses`` a
@@ -189,7 +191,7 @@ def run_inner_loop(task_model: TaskModel, phi0: Sequence[Tensor], fixed: Sequenc
                                        wrt_fixed=history_fixed_grads, shared_params=shared, batching=batching,
                                        keep_state=keep_first_state and first, low_rank=low_rank_first_step and first)
         if check_finite:
-            check_losses_finite(loss, f"inner step {k} (support loss)")
+            check_losses_finite(loss, f"inner step {first_step + k} (support loss)")
         losses.append(loss)
         if keep_history:
             history.append((phi, g, gf, shared))

@@ -26,8 +26,8 @@ from torch import Tensor
 from ..ops.multi_tensor import task_axpby
 from .functional import TaskModel, check_losses_finite
 from .fused_mlp import LowRank, dense
-from .hvp import batched_grad, fused_plan, hvp, loop_last_step, resolve_batching
-from .inner_loop import detached_step, run_inner_loop
+from .hvp import batched_grad, fused_plan, hvp, kept_graph_hvp, loop_grad_keep_graph, loop_last_step, resolve_batching
+from .inner_loop import _step_from_shared, detached_step, run_inner_loop
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "imaml")
 _EXACT_MODES = ("exact", "forward_over_reverse", "reverse_over_reverse")
@@ -48,6 +48,7 @@ class EngineConfig:
     check_finite: bool = True
     batching: str = "auto"
     reuse_last_step: bool = True  # the front door passes False under no_grad (no HVP wanted then)
+    keep_first_graph: bool = False
     info: dict = field(default_factory=dict)
 
 
@@ -109,6 +110,7 @@ class MetaGradient(torch.autograd.Function):
         ctx.gq = (gq_a, gq_f)
         ctx.fd_reuse = fd_reuse
         ctx.last_hvp = None
+        ctx.first_graph = None
         ctx.save_for_backward(*theta_a, *fixed, *lr_tensors)
         return q_losses.detach()
 
@@ -162,11 +164,16 @@ class MetaGradient(torch.autograd.Function):
                  else dense(vi) * a for vi, a in zip(v, step)]  # alpha_k * v_{k+1}
             # At the shared start (k = 0) only sum_t v_0 is used: ask for sum_t H u directly (the
             # fused MLP path then forms no per-task Hessian blocks).
-            summed = shared_k
-            with torch.enable_grad():
-                hv_a, hv_f = hvp(tm.task_loss, phi_k, u, *cfg.support, fixed=fixed, mode=cfg.hvp_mode,
-                                 saved_grad=(g_k + gf_k) if ctx.fd_reuse else None, fd_dtype=cfg.fd_dtype,
-                                 shared_params=shared_k, batching=cfg.batching, sum_tasks=summed)
+            first_graph = ctx.first_graph if k == 0 else None
+            summed = shared_k and first_graph is None
+            if first_graph is not None:  # step 0's graph, kept since the forward pass
+                ctx.first_graph = None
+                hv_a, hv_f = kept_graph_hvp(first_graph, [dense(x) for x in u])
+            else:
+                with torch.enable_grad():
+                    hv_a, hv_f = hvp(tm.task_loss, phi_k, u, *cfg.support, fixed=fixed, mode=cfg.hvp_mode,
+                                     saved_grad=(g_k + gf_k) if ctx.fd_reuse else None, fd_dtype=cfg.fd_dtype,
+                                     shared_params=shared_k, batching=cfg.batching, sum_tasks=summed)
             if summed:
                 v = [(vi.sum_tasks() if isinstance(vi, LowRank) else vi.sum(0)) - h
                      for vi, h in zip(v, hv_a)]  # sum_t (v - H u)
@@ -199,8 +206,22 @@ def _forward_reusing_last_step(ctx, cfg: EngineConfig, phi0, fixed, per_step, th
     the last step, the query gradient and ``H(phi_{K-1}) (alpha * gq)`` task by task."""
     tm = cfg.task_model
     n_f = cfg.n_f
+    ctx.first_graph = None
     with torch.enable_grad():
-        if len(per_step) > 1:
+        if cfg.keep_first_graph and len(per_step) > 1:
+            # step 0 with its graph, kept for the backward's last HVP (at theta)
+            loss0, g0, ctx.first_graph = loop_grad_keep_graph(tm.task_loss, phi0, fixed, cfg.support, shared=True,
+                                                              wrt_fixed=n_f > 0)
+            if cfg.check_finite:
+                check_losses_finite(loss0, "inner step 0 (support loss)")
+            phi = _step_from_shared(phi0, g0, detached_step(per_step[0]))
+            history = [(phi0, g0, [], True)]
+            phi, more, sup_more = run_inner_loop(tm, phi, fixed, cfg.support, per_step[1:-1], keep_history=True,
+                                                 check_finite=cfg.check_finite, batching=cfg.batching, first_step=1)
+            history += more
+            sup_losses = torch.cat([loss0.unsqueeze(0), sup_more])
+            shared = False
+        elif len(per_step) > 1:
             phi, history, sup_losses = run_inner_loop(tm, phi0, fixed, cfg.support, per_step[:-1], keep_history=True,
                                                       check_finite=cfg.check_finite, shared_start=True,
                                                       batching=cfg.batching)
