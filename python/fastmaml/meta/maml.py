@@ -12,6 +12,11 @@ each task's loss) and ``u_k = alpha_k * v_{k+1}`` (elementwise for Meta-SGD):
     d/dfixed   += -H_fa(phi_k) u_k              (ANIL body / CAVIA network)
     d/dtheta_a  = sum_t v_0
 
+Under the loop batching the last step's HVP is taken in the forward pass on that step's own graph
+(``reuse_last_step``: the backward is linear in each task's weight ``w_t``, so ``H (alpha * w_t gq_t)
+= w_t H (alpha * gq_t)``), and optionally step 0's graph is kept for the backward's last HVP
+(``keep_first_graph``); the other steps' HVPs recompute their support pass.
+
 FOMAML drops the HVPs (``v_k = v_K``, the step sizes still get ``-<v_K, g_k>``); Reptile's
 gradient is ``sum_t w_t (theta - phi_K)``.
 """
