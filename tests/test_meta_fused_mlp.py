@@ -6,6 +6,8 @@ algorithm and step-size form the engine supports, without running the generic vm
 paths; for anything else it steps aside and the generic path gives the result.
 """
 import importlib
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,19 +23,11 @@ from fastmaml.meta.models import MLP, CaviaMLP, mse_loss
 
 hvp_module = importlib.import_module("fastmaml.meta.hvp")  # the package exports a function named hvp
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _meta_util import grads_of, rel_err  # noqa: E402
+
 F64 = torch.float64
 TOL = 1e-10
-
-
-def rel_err(got, ref):
-    a = torch.cat([t.reshape(-1) for t in got])
-    b = torch.cat([t.reshape(-1) for t in ref])
-    return ((a - b).norm() / b.norm()).item()
-
-
-def grads_of(loss, params):
-    gs = torch.autograd.grad(loss, params, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)]
 
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "leaky": lambda: nn.LeakyReLU(0.2)}

@@ -3,30 +3,22 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fastmaml.meta import hvp as hvp_module
 from fastmaml.meta import maml as maml_module
 from fastmaml.meta.front import MAML, maml_loss
 from fastmaml.meta.functional import TaskModel
 from fastmaml.meta.inner_loop import lslr_step_sizes, meta_sgd_step_sizes
 from fastmaml.meta.models import Conv4
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _meta_util import grads_of, rel_err  # noqa: E402
+
 F64 = torch.float64
-
-
-def rel_err(got, ref):
-    a = torch.cat([t.reshape(-1) for t in got])
-    b = torch.cat([t.reshape(-1) for t in ref])
-    return ((a - b).norm() / b.norm()).item()
-
-
-def grads_of(loss, params):
-    gs = torch.autograd.grad(loss, params, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)]
 
 
 def conv_problem(num_tasks, adapt="all", seed=0):

@@ -209,6 +209,16 @@ def _loop_hvp_double_backward(task_loss, params, fixed, v, task_args, wrt, share
                                                             if wrt else [])
 
 
+def _task_grad_with_graph(task_loss, params, fixed, args_t, t, shared, wrt):
+    """Task t's leaves ``p`` and ``f``, its loss and ``grad(loss, p)`` with ``create_graph=True``."""
+    with torch.enable_grad():
+        p = _leaves(params, t, shared)
+        f = [q.detach().requires_grad_() for q in fixed] if wrt else [q.detach() for q in fixed]
+        loss = task_loss(p, f, *args_t)
+        g = torch.autograd.grad(loss, p, create_graph=True, allow_unused=True)
+    return p, f, loss, g
+
+
 def loop_grad_keep_graph(task_loss, params, fixed, task_args, *, shared: bool, wrt_fixed: bool):
     """Per-task gradients by plain autograd with ``create_graph=True``, graphs kept for ``kept_graph_hvp``.
 
@@ -220,11 +230,7 @@ def loop_grad_keep_graph(task_loss, params, fixed, task_args, *, shared: bool, w
     wrt = wrt_fixed and len(fixed) > 0
     losses, grads, graphs = [], [], []
     for t in range(num_tasks):
-        with torch.enable_grad():
-            p = _leaves(params, t, shared)
-            f = [q.detach().requires_grad_() for q in fixed] if wrt else [q.detach() for q in fixed]
-            loss = task_loss(p, f, *[a[t] for a in task_args])
-            g = torch.autograd.grad(loss, p, create_graph=True, allow_unused=True)
+        p, f, loss, g = _task_grad_with_graph(task_loss, params, fixed, [a[t] for a in task_args], t, shared, wrt)
         losses.append(loss.detach())
         grads.append(_zeros_for_none([None if gi is None else gi.detach() for gi in g], p))
         graphs.append((p, f if wrt else [], g))
@@ -280,11 +286,7 @@ def loop_last_step(task_loss, params, fixed, support, query, step, *, shared: bo
     wrt = wrt_fixed and len(fixed) > 0
     rows = []
     for t in range(num_tasks):
-        with torch.enable_grad():
-            p = _leaves(params, t, shared)
-            f = [q.detach().requires_grad_() for q in fixed] if wrt else [q.detach() for q in fixed]
-            loss = task_loss(p, f, *[a[t] for a in support])
-            g = torch.autograd.grad(loss, p, create_graph=True, allow_unused=True)
+        p, f, loss, g = _task_grad_with_graph(task_loss, params, fixed, [a[t] for a in support], t, shared, wrt)
         with torch.no_grad():
             nxt = [(pi.detach() if gi is None else pi.detach() - a * gi.detach()) for pi, gi, a in zip(p, g, step)]
         with torch.enable_grad():

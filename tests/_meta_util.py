@@ -1,0 +1,15 @@
+"""Helpers shared by the meta-gradient tests."""
+import torch
+
+
+def rel_err(got, ref):
+    """||got - ref|| / ||ref|| over all tensors of the two lists."""
+    a = torch.cat([t.reshape(-1) for t in got])
+    b = torch.cat([t.reshape(-1) for t in ref])
+    return ((a - b).norm() / b.norm()).item()
+
+
+def grads_of(loss, params):
+    """grad(loss, params) with zeros for the parameters the loss does not use."""
+    gs = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)]
