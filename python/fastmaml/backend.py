@@ -34,7 +34,7 @@ def triton_installed() -> bool:
 
 
 # Ops with a Triton kernel (kernels/); the others have only compiled and reference backends.
-_TRITON_OPS = frozenset({"task_axpby", "task_axpby_", "task_dot"})
+_TRITON_OPS = frozenset({"task_axpby", "task_axpby_", "task_dot", "svm_cs_ipm"})
 
 
 def is_available(backend: str, device: torch.device, op: str = "task_axpby") -> bool:

@@ -17,8 +17,13 @@ KKT matrix: 21x fewer for 5-way). Every variable has a bound, so ``W_k > 0`` and
 positive definite even for a singular ``K`` (duplicate or zero support points) and ``r = 0``.
 
 Backends: ``"cpu"`` runs the whole solve in compiled code (``torch.ops.fastmaml.svm_cs_ipm``:
-tasks in lockstep groups, one SIMD lane per task, same algorithm and iterates), ``"reference"``
-is the batched PyTorch loop below; ``"auto"`` takes the compiled one for CPU tensors. The generic
+tasks in lockstep groups, one SIMD lane per task, same algorithm and iterates), ``"triton"`` runs
+it on the GPU as one Triton program per task with the task's matrices in registers for the whole
+solve (``kernels/svm_cs.py``; ``n <= 32`` support points and ``n_way <= 8``: MetaOptNet's 1-shot
+and 5-shot), ``"reference"`` is the batched PyTorch loop below. ``"auto"`` takes the compiled
+solver for CPU tensors, the Triton kernel for CUDA tensors where the task fits it, else the
+reference. The backward pass factors the Newton system at the returned iterate's barrier
+weights once, in PyTorch (``"reference"``, ``"triton"``) or compiled code (``"cpu"``). The generic
 ``qp_solve`` on the Kronecker-built problem (``crammer_singer_qp_reference``) is a second
 reference; the tests check all of them against cvxpy.
 """
@@ -77,7 +82,10 @@ class CrammerSingerKKT:
         return y[:, None, :].expand(self.T, self.c, self.n).reshape(self.T, -1)
 
     def factor(self, s: Tensor, lam: Tensor):
-        w = self._cn(lam / s)  # [T, c, n]
+        return self.factor_weights(self._cn(lam / s))
+
+    def factor_weights(self, w: Tensor):
+        """Factor the Newton matrix for the barrier weights ``w`` ``[T, c, n]``."""
         H = self.Kr[:, None] + torch.diag_embed(w)  # [T, c, n, n]
         L, info = torch.linalg.cholesky_ex(H)
         Hinv = torch.cholesky_inverse(L)  # [T, c, n, n]
@@ -152,6 +160,12 @@ def _solve_forward(K: Tensor, labels: Tensor, cfg: _Settings):
         z, w, status, its, pres, dres, gap = torch.ops.fastmaml.svm_cs_ipm(
             K, labels, cfg.n_way, cfg.C, cfg.diag_reg, cfg.input_eps, cfg.max_iter, cfg.tol)
         return mask_failed(z.reshape(T, -1), status), status, its, pres, dres, gap, ("cpu", w)
+    if cfg.backend == "triton":
+        from ..kernels import svm_cs
+
+        Kr = regularized_kernel(K, cfg.diag_reg, cfg.input_eps)
+        z, w, status, its, pres, dres, gap = svm_cs.svm_cs_ipm(Kr, labels, cfg.n_way, cfg.C, cfg.max_iter, cfg.tol)
+        return mask_failed(z.reshape(T, -1), status), status, its, pres, dres, gap, ("weights", w)
     kkt = CrammerSingerKKT(K, cfg.n_way, cfg.diag_reg, cfg.input_eps)
     y_cm = torch.nn.functional.one_hot(labels, cfg.n_way).to(K.dtype).mT.reshape(T, -1)  # [T, c n]
     z, lam, y, s, status, its, pres, dres, gap, fac = interior_point(
@@ -174,6 +188,10 @@ def _kernel_grad(K: Tensor, z: Tensor, status: Tensor, g_alpha: Tensor, state, c
     if state[0] == "cpu":
         dz = torch.ops.fastmaml.svm_cs_kkt_solve(K, cfg.diag_reg, cfg.input_eps, state[1], -gz.contiguous())
         dz = dz.reshape(T, -1)
+    elif state[0] == "weights":  # factor the Newton matrix once, at the returned iterate's weights
+        kkt = CrammerSingerKKT(K, c, cfg.diag_reg, cfg.input_eps)
+        w = torch.where(failed[:, None, None], torch.ones_like(state[1]), state[1]) if any_failed else state[1]
+        dz, _, _ = kkt.solve(kkt.factor_weights(w)[0], -gz.reshape(T, -1), gz.new_zeros(T, n))
     else:
         dz, _, _ = state[1].solve(state[2], -gz.reshape(T, -1), gz.new_zeros(T, n))
     if any_failed:
@@ -282,6 +300,14 @@ def _settings(labels, T: int, n: int, like: Tensor, n_way, C, diag_reg, max_iter
         raise ValueError(f"tol must be >= 0, got {tol}")
     input_eps = torch.finfo(like.dtype).eps if like.dtype != cdt else 0.0
     chosen = resolve_backend(like.device, backend, op="svm_cs_ipm")
+    if chosen == "triton":
+        from ..kernels import svm_cs
+
+        if not svm_cs.supports(n, n_way):
+            if backend == "triton":
+                raise ValueError(f"backend 'triton' solves tasks of at most {svm_cs.MAX_SUPPORT} support points "
+                                 f"and {svm_cs.MAX_WAY} classes, got n={n}, n_way={n_way}; use backend='auto'")
+            chosen = "reference"
     return _Settings(n_way, float(C), float(diag_reg), max_iter, tol, input_eps, chosen, cdt)
 
 
