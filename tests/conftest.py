@@ -14,6 +14,10 @@ import fastmaml  # noqa: E402
 from fastmaml import backend as B  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+if torch.cuda.is_available():
+    # float32 tests mean IEEE float32: cuDNN convolutions default to TF32 (10-bit products).
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 FAST_BACKENDS = ("cpu", "cuda", "triton")
 
 # Agreement of fast backends with the reference: (rtol, atol) per dtype.

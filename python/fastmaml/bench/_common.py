@@ -39,6 +39,18 @@ def time_call(fn: Callable[[], object], device: torch.device, *, repeats: int = 
     return {"median_ms": statistics.median(times), "p25_ms": q[0], "p75_ms": q[2], "n": len(times)}
 
 
+def exact_float32(device: torch.device) -> None:
+    """Turn TF32 off on CUDA: every provider's float32 is then IEEE float32.
+
+    cuDNN convolutions use TF32 by default on Ampere and later (10-bit mantissa products), which
+    puts every float32 provider ~3e-2 from the float64 reference on conv4 and makes the accuracy
+    checks measure the GPU's rounding mode instead of the algorithms.
+    """
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
 def git_commit() -> str:
     try:
         root = Path(__file__).resolve().parents[3]

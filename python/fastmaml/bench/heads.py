@@ -38,7 +38,7 @@ from ..heads.qp import qp_solve
 from ..heads.ridge import gram_pair, ridge_predict
 from ..heads.svm import svm_crammer_singer_solve, svm_logits
 from ..reference.heads import crammer_singer_qp_reference
-from ._common import add_level_options, append_csv, environment, have_module, print_table, progress, sync, time_call
+from ._common import add_level_options, append_csv, environment, exact_float32, have_module, print_table, progress, sync, time_call
 
 COLUMNS = ["date", "run_id", "commit", "device", "torch", "fastmaml", "python", "threads", "level", "family", "mode", "tasks", "n_way", "shot", "queries",
            "features", "dtype", "provider", "median_ms", "p25_ms", "p75_ms", "n", "extra_mem_mb", "beyond_grads_mb",
@@ -503,6 +503,7 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available on this machine")
     device = torch.device(args.device)
+    exact_float32(device)
     torch.set_num_threads(args.threads)
     env = environment(device)
     env["level"] = args.level

@@ -14,7 +14,7 @@ import torch
 from .. import backend as B
 from ..ops.multi_tensor import task_axpby, task_axpby_
 from ..reference import inner_sgd_step_reference
-from ._common import add_level_options, append_csv, environment, print_table, progress, time_call
+from ._common import add_level_options, append_csv, environment, exact_float32, print_table, progress, time_call
 
 
 def conv4_row_shapes(filters: int = 64, in_channels: int = 1, n_way: int = 5, feature_size: int = 1) -> list[tuple]:
@@ -168,6 +168,7 @@ def main(argv=None) -> list[dict]:
     tasks = args.tasks or ((1, 32) if args.level == "quick" else (1, 8, 32, 128))
     dtypes = [args.dtype] if args.dtype else (["float32", "float64"] if args.level == "full" else ["float32"])
     device = torch.device(args.device)
+    exact_float32(device)
     params_per_task = sum(torch.Size(s).numel() for s in conv4_row_shapes())
     for dtype in dtypes:
         # theta, g, the in-place working copy, one output and the copy-bandwidth pair: ~6 buffers

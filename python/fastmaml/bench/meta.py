@@ -54,7 +54,7 @@ from ..meta.hvp import batched_grad, hvp
 from ..meta.inner_loop import normalize_step_sizes
 from ..meta.models import Conv4, mse_loss, sinusoid_mlp
 from ..reference.meta import maml_loss_reference
-from ._common import add_level_options, append_csv, environment, have_module, print_table, progress, sync
+from ._common import add_level_options, append_csv, environment, exact_float32, have_module, print_table, progress, sync
 
 # float32 meta-gradients of BN conv nets differ from float64 by 1e-6 to 5e-3 for every correct
 # implementation (the per-task autograd loop included); below this floor a difference is rounding.
@@ -439,6 +439,7 @@ def main(argv=None) -> list[dict]:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available on this machine")
     device = torch.device(args.device)
+    exact_float32(device)
     level = LEVELS[args.level]
     workloads = args.workload or list(level["workloads"])
     if "all" in workloads:

@@ -20,7 +20,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ._common import check_batched, check_like, per_task_scalar
+from ._common import DeferredChecks, check_batched, check_like, per_task_scalar
 
 Scalar = Union[float, Tensor]
 FORMS = ("auto", "dual", "primal")
@@ -29,7 +29,8 @@ FORMS = ("auto", "dual", "primal")
 # ----------------------------------------------------------------------------------------------
 # SPD solve with a reusable factor
 # ----------------------------------------------------------------------------------------------
-def cholesky_factor(K: Tensor, name: str = "K", singular_check: Optional[Tensor] = None) -> Tensor:
+def cholesky_factor(K: Tensor, name: str = "K", singular_check: Optional[Tensor] = None,
+                    checks: Optional[DeferredChecks] = None) -> Tensor:
     """Lower Cholesky factor of a batch of SPD matrices; a clear error names the failing tasks.
 
     Args:
@@ -37,6 +38,7 @@ def cholesky_factor(K: Tensor, name: str = "K", singular_check: Optional[Tensor]
         name: how the error message calls ``K``.
         singular_check: ``[T]`` bool, tasks for which a numerically singular ``K`` (pivot ratio
             below ``m * eps``) is also an error (used for ``lam == 0``).
+        checks: verify positive definiteness with these deferred checks instead of now.
 
     Returns:
         ``L`` of shape ``[T, m, m]`` with ``K = L L^T``.
@@ -46,20 +48,26 @@ def cholesky_factor(K: Tensor, name: str = "K", singular_check: Optional[Tensor]
     """
     L, info = torch.linalg.cholesky_ex(K)
     failed = info != 0
-    if singular_check is not None and bool(singular_check.any()):
+    if singular_check is not None:
         # An exactly singular K can factor "successfully" with a rounding-level pivot; for the
         # tasks in singular_check ([T] bool, lam == 0) treat pivots below m * eps as failure.
         diag = L.diagonal(dim1=-2, dim2=-1).abs()  # [T, m]
         ratio = (diag.amin(-1) / diag.amax(-1).clamp(min=torch.finfo(K.dtype).tiny)) ** 2
         failed = failed | (singular_check & (ratio < K.shape[-1] * torch.finfo(K.dtype).eps))
         info = torch.where(failed & (info == 0), torch.full_like(info, K.shape[-1]), info)
-    if bool(failed.any()):
+
+    def diagnose():
         bad = failed.nonzero().flatten().tolist()
         raise ValueError(
             f"{name} is not positive definite for tasks {bad[:10]}{'...' if len(bad) > 10 else ''} "
             f"(leading minor {int(info[bad[0]])} of {K.shape[-1]} failed); with lam = 0 this happens when "
             "the features are linearly dependent: use lam > 0"
         )
+
+    if checks is not None:
+        checks.add(~failed.any(), diagnose)
+    elif bool(failed.any()):
+        diagnose()
     return L
 
 
@@ -169,25 +177,27 @@ class _RidgeLogitsFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, X, Y, Xq, lam):  # X [T, n, d], Y [T, n, c], Xq [T, q, d], lam [T]
+    def forward(ctx, X, Y, Xq, lam, checks):  # X [T, n, d], Y [T, n, c], Xq [T, q, d], lam [T]
         K = _add_diag(X @ X.mT, lam)  # [T, n, n]
-        L = cholesky_factor(K, "the ridge system matrix", lam == 0)
+        L = cholesky_factor(K, "the ridge system matrix", lam == 0, checks)
         A = torch.cholesky_solve(Y, L)  # [T, n, c]
         Wt = A.mT @ X  # [T, c, d]: W^T, so that every d-long product below is written contiguously
+        P = Xq @ Wt.mT  # [T, q, c]
+        checks.verify()  # the inputs' and the factorization's checks: one host synchronisation
         ctx.save_for_backward(X, Y, Xq, lam, A, Wt)
         ctx.L = L
-        return Xq @ Wt.mT  # [T, q, c]
+        return P
 
     @staticmethod
     def backward(ctx, gP):
         X, Y, Xq, lam, A, Wt = ctx.saved_tensors
-        need_X, need_Y, need_Xq, need_lam = ctx.needs_input_grad
+        need_X, need_Y, need_Xq, need_lam = ctx.needs_input_grad[:4]
         if torch.is_grad_enabled():  # double backward: differentiate the composable form
             ins = (X, Y, Xq, lam)
             wrt = [t for t, nd in zip(ins, ctx.needs_input_grad) if nd]
             P = Xq @ (X.mT @ spd_solve(_add_diag(X @ X.mT, lam), Y))
             grads = iter(torch.autograd.grad(P, wrt, gP, create_graph=True))
-            return tuple(next(grads) if nd else None for nd in ctx.needs_input_grad)
+            return tuple(next(grads) if nd else None for nd in ctx.needs_input_grad[:4]) + (None,)
         gWt = gP.mT @ Xq  # [T, c, d]
         gXq = gP @ Wt if need_Xq else None  # [T, q, d]
         gX = gY = glam = None
@@ -201,27 +211,27 @@ class _RidgeLogitsFn(torch.autograd.Function):
                 gX = (A @ gWt).baddbmm_(gY, Wt, alpha=-1)  # [T, n, d]
             if need_lam:
                 glam = -(gY * A).sum((-2, -1))  # tr(gK)
-        return gX, (gY if need_Y else None), gXq, glam
+        return gX, (gY if need_Y else None), gXq, glam, None
 
 
 # ----------------------------------------------------------------------------------------------
 # Public ops
 # ----------------------------------------------------------------------------------------------
-def _check_ridge_inputs(features, targets, lam, queries=None):
-    X = check_batched(features, "features", 3, "[T, n, d]")
-    Y = check_batched(targets, "targets", 3, "[T, n, c]")
+def _check_ridge_inputs(features, targets, lam, queries=None, checks=None):
+    X = check_batched(features, "features", 3, "[T, n, d]", checks)
+    Y = check_batched(targets, "targets", 3, "[T, n, c]", checks)
     check_like(Y, "targets", X, "features")
     T, n, d = X.shape
     if Y.shape[:2] != (T, n):
         raise ValueError(f"targets must have shape [{T}, {n}, c] to match features [T, n, d] = {tuple(X.shape)}, "
                          f"got {tuple(Y.shape)}")
     if queries is not None:
-        Xq = check_batched(queries, "query_features", 3, "[T, q, d]")
+        Xq = check_batched(queries, "query_features", 3, "[T, q, d]", checks)
         check_like(Xq, "query_features", X, "features")
         if Xq.shape[0] != T or Xq.shape[2] != d:
             raise ValueError(f"query_features must have shape [{T}, q, {d}] to match features {tuple(X.shape)}, "
                              f"got {tuple(Xq.shape)}")
-    lam = per_task_scalar(lam, "lam", T, X)
+    lam = per_task_scalar(lam, "lam", T, X, checks=checks)
     return X, Y, lam
 
 
@@ -294,9 +304,11 @@ def ridge_predict(
         >>> ridge_predict(X, Y, Xq, 0.5).shape
         torch.Size([2, 7, 3])
     """
-    X, Y, lam = _check_ridge_inputs(features, targets, lam, query_features)
+    checks = DeferredChecks()  # values checked with the factorization, in one host sync
+    X, Y, lam = _check_ridge_inputs(features, targets, lam, query_features, checks)
     n, d, c, q = X.shape[1], X.shape[2], Y.shape[2], query_features.shape[1]
     if _pick_form(form, n, d) == "dual":
-        return _RidgeLogitsFn.apply(X, Y, query_features, lam.contiguous())  # [T, q, c]
+        return _RidgeLogitsFn.apply(X, Y, query_features, lam.contiguous(), checks)  # [T, q, c]
+    checks.verify()
     W = spd_solve(_add_diag(X.mT @ X, lam), X.mT @ Y, None, lam.detach() == 0)  # [T, d, c]
     return query_features @ W
