@@ -117,7 +117,8 @@ def per_task_scalar(v, name: str, num_tasks: int, like: Tensor, allow_zero: bool
     return v.to(like.dtype)
 
 
-def check_labels(labels, name: str, num_tasks: int, n: int, n_way: int, device) -> Tensor:
+def check_labels(labels, name: str, num_tasks: int, n: int, n_way: int, device,
+                 checks: Optional[DeferredChecks] = None) -> Tensor:
     if not isinstance(labels, Tensor):
         raise TypeError(f"{name} must be an int64 tensor of shape [T, n], got {type(labels).__name__}")
     if labels.dtype != torch.int64:
@@ -128,9 +129,14 @@ def check_labels(labels, name: str, num_tasks: int, n: int, n_way: int, device) 
         raise ValueError(f"{name} is on {labels.device}, expected {device}")
     if labels.numel():
         lo, hi = torch.aminmax(labels)
-        lo, hi = int(lo), int(hi)
-        if lo < 0 or hi >= n_way:
-            raise ValueError(f"{name} must lie in [0, n_way) = [0, {n_way}), got values in [{lo}, {hi}]")
+
+        def diagnose():
+            raise ValueError(f"{name} must lie in [0, n_way) = [0, {n_way}), got values in [{int(lo)}, {int(hi)}]")
+
+        if checks is not None:
+            checks.add((lo >= 0) & (hi < n_way), diagnose)
+        elif int(lo) < 0 or int(hi) >= n_way:
+            diagnose()
     return labels
 
 

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import check_batched, check_labels, check_like, check_n_way
+from ._common import DeferredChecks, check_batched, check_labels, check_like, check_n_way
 from .qp import QPResult
 from .ridge import ridge_predict
 from .svm import svm_logits
@@ -27,15 +27,17 @@ class FewShotHead(nn.Module):
 
     def forward(self, support_features: Tensor, support_labels: Tensor, query_features: Tensor,
                 n_way: int) -> Tensor:
-        X = check_batched(support_features, "support_features", 3, "[T, n, d]")
-        Xq = check_batched(query_features, "query_features", 3, "[T, q, d]")
+        checks = DeferredChecks()  # values checked in one host sync
+        X = check_batched(support_features, "support_features", 3, "[T, n, d]", checks)
+        Xq = check_batched(query_features, "query_features", 3, "[T, q, d]", checks)
         check_like(Xq, "query_features", X, "support_features")
         T, n, d = X.shape
         if Xq.shape[0] != T or Xq.shape[2] != d:
             raise ValueError(f"query_features must have shape [{T}, q, {d}] to match support_features "
                              f"{tuple(X.shape)}, got {tuple(Xq.shape)}")
         n_way = check_n_way(n_way)
-        check_labels(support_labels, "support_labels", T, n, n_way, X.device)
+        check_labels(support_labels, "support_labels", T, n, n_way, X.device, checks)
+        checks.verify()
         return self._logits(X, support_labels, Xq, n_way)
 
     def _logits(self, X, labels, Xq, n_way):  # pragma: no cover - abstract

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ..backend import resolve_backend
-from ._common import check_batched, check_labels, check_like, check_n_way, first_order_only
+from ._common import DeferredChecks, check_batched, check_labels, check_like, check_n_way, first_order_only
 from .qp import QPResult, QPStatus, default_tol, failed_mask, interior_point, mask_failed, raise_if_failed
 
 
@@ -178,7 +178,7 @@ def _kernel_grad(K: Tensor, z: Tensor, status: Tensor, g_alpha: Tensor, state, c
     """``dL/dK`` ``[T, n, n]`` from ``g_alpha`` ``[T, n, c]`` at the solution ``z`` (implicit function theorem)."""
     T, n, c = g_alpha.shape[0], g_alpha.shape[1], cfg.n_way
     failed = failed_mask(status)
-    any_failed = bool(failed.any())
+    any_failed = K.device.type != "cpu" or bool(failed.any())  # on a GPU: always select (no sync)
     if any_failed:  # failed tasks (NaN solutions) get zero gradients
         ok = ~failed
         g_alpha = torch.where(ok[:, None, None], g_alpha, torch.zeros_like(g_alpha))
@@ -262,25 +262,29 @@ class _SVMWeightsLogitsFn(torch.autograd.Function):
         return gX, gXq, None, None
 
 
-def _check_svm_kernel(kernel) -> Tensor:
-    K = check_batched(kernel, "kernel", 3, "[T, n, n]")
+def _check_svm_kernel(kernel, checks: DeferredChecks) -> Tensor:
+    K = check_batched(kernel, "kernel", 3, "[T, n, n]", checks)
     n = K.shape[1]
     if K.shape[2] != n:
         raise ValueError(f"kernel must be square [T, n, n], got {tuple(K.shape)}")
     if n < 1:
         raise ValueError("kernel must have at least one support point (n >= 1)")
     Kd = K.detach()
-    asym, kmax = torch.stack([(Kd - Kd.mT).abs().amax(), Kd.abs().amax()]).tolist()  # one sync
-    if asym > 100 * torch.finfo(K.dtype).eps * (1.0 + kmax):
-        raise ValueError(f"kernel must be symmetric, max |K - K^T| = {asym:.3g}")
+    asym, kmax = (Kd - Kd.mT).abs().amax(), Kd.abs().amax()
+
+    def diagnose():
+        raise ValueError(f"kernel must be symmetric, max |K - K^T| = {float(asym):.3g}")
+
+    checks.add(asym <= 100 * torch.finfo(K.dtype).eps * (1.0 + kmax), diagnose)
     return K
 
 
 def _settings(labels, T: int, n: int, like: Tensor, n_way, C, diag_reg, max_iter, tol, compute_dtype,
-              backend) -> _Settings:
-    """Checks everything but the kernel; ``like`` gives the input dtype and device."""
+              backend, checks: Optional[DeferredChecks] = None) -> _Settings:
+    """Checks everything but the kernel; ``like`` gives the input dtype and device. The labels'
+    range joins ``checks`` when given."""
     n_way = check_n_way(n_way)
-    check_labels(labels, "support_labels", T, n, n_way, like.device)
+    check_labels(labels, "support_labels", T, n, n_way, like.device, checks)
     for name, v in (("C", C), ("diag_reg", diag_reg)):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise TypeError(f"{name} must be a float, got {type(v).__name__}")
@@ -334,8 +338,9 @@ def svm_crammer_singer_solve(kernel: Tensor, support_labels: Tensor, n_way: int,
         raise_on_failure: raise ``RuntimeError`` when a task fails.
         compute_dtype: solver arithmetic (float64 by default, also for float32 kernels). In float32
             the badly scaled dual is only solved to about 1e-3 relative to its largest entry.
-        backend: ``"auto"`` (compiled ``"cpu"`` for CPU tensors, else ``"reference"``), ``"cpu"`` or
-            ``"reference"`` (the batched PyTorch loop); both give the same iterates.
+        backend: ``"auto"`` (compiled ``"cpu"`` for CPU tensors; ``"triton"`` for CUDA tensors when
+            ``n <= 32`` and ``n_way <= 8``; else ``"reference"``), ``"cpu"``, ``"triton"`` or
+            ``"reference"`` (the batched PyTorch loop); all take the same iterates.
 
     Returns:
         ``QPResult`` whose ``z`` is the dual solution ``alpha`` ``[T, n, n_way]`` (sample-major, as
@@ -349,9 +354,11 @@ def svm_crammer_singer_solve(kernel: Tensor, support_labels: Tensor, n_way: int,
         >>> r.z.shape, r.status_names()
         (torch.Size([2, 5, 5]), ['SOLVED', 'SOLVED'])
     """
-    K = _check_svm_kernel(kernel)
+    checks = DeferredChecks()  # the kernel's and labels' values: one host sync
+    K = _check_svm_kernel(kernel, checks)
     cfg = _settings(support_labels, K.shape[0], K.shape[1], K, n_way, C, diag_reg, max_iter, tol, compute_dtype,
-                    backend)
+                    backend, checks)
+    checks.verify()
     alpha, status, its, pres, dres, gap = _CrammerSingerFunction.apply(K.to(cfg.compute_dtype), support_labels, cfg)
     if raise_on_failure:
         raise_if_failed(status, "svm_crammer_singer_solve")
@@ -387,8 +394,9 @@ def svm_logits(support_features: Tensor, support_labels: Tensor, query_features:
     """
     from .ridge import gram_pair
 
-    X = check_batched(support_features, "support_features", 3, "[T, n, d]")
-    Xq = check_batched(query_features, "query_features", 3, "[T, q, d]")
+    checks = DeferredChecks()  # the features' and labels' values: one host sync
+    X = check_batched(support_features, "support_features", 3, "[T, n, d]", checks)
+    Xq = check_batched(query_features, "query_features", 3, "[T, q, d]", checks)
     check_like(Xq, "query_features", X, "support_features")
     if Xq.shape[0] != X.shape[0] or Xq.shape[2] != X.shape[2]:
         raise ValueError(f"query_features must have shape [{X.shape[0]}, q, {X.shape[2]}] to match "
@@ -396,13 +404,15 @@ def svm_logits(support_features: Tensor, support_labels: Tensor, query_features:
     T, n, q = X.shape[0], X.shape[1], Xq.shape[1]
     kw = dict(C=C, diag_reg=diag_reg, max_iter=max_iter, tol=tol, compute_dtype=compute_dtype, backend=backend)
     if q * n <= n_way * (n + q):  # 1-shot: the query Gram matrix is as cheap as the weights
+        checks.verify()
         K, Kq = gram_pair(X, Xq)  # [T, n, n], [T, q, n]
         res = svm_crammer_singer_solve(K, support_labels, n_way, raise_on_failure=raise_on_failure, **kw)
         return Kq @ res.z, res
     # Otherwise through the primal weights W = X^T alpha [T, d, c]: (n + q) c d flops instead of
     # q n d for Xq X^T (5x fewer at 5-way 5-shot), forward and backward. X X^T is symmetric by
     # construction and finite when X is (checked above), so the kernel checks are not repeated.
-    cfg = _settings(support_labels, T, n, X, n_way, **kw)
+    cfg = _settings(support_labels, T, n, X, n_way, **kw, checks=checks)
+    checks.verify()
     logits, alpha, status, its, pres, dres, gap = _SVMWeightsLogitsFn.apply(X, Xq, support_labels, cfg)
     if raise_on_failure:
         raise_if_failed(status, "svm_logits")
