@@ -134,12 +134,15 @@ def meta_grads(model, loss_fn, support, query, device, dtype, **kw):
 
 def check_meta_on_cuda(model, loss_fn, support, query, what, **kw):
     ref = meta_grads(model, loss_fn, support, query, "cpu", F64, **kw)
+    # Finite differences with r ~ sqrt(eps) turn the rounding differences of two devices' convs
+    # (~1e-16) into ~1e-8 of the HVP (measured on an H100: 7.5e-9), as their error model says.
+    f64_tol = 1e-7 if kw.get("hvp_mode", "").startswith("fd") else 1e-9
     for dtype in (F64, F32):
         got = meta_grads(model, loss_fn, support, query, "cuda", dtype, **kw)
         flat = torch.cat([t.reshape(-1).double().cpu() for t in got])
         flat_ref = torch.cat([t.reshape(-1) for t in ref])
         err = float((flat - flat_ref).norm() / flat_ref.norm())
-        tol = 1e-9 if dtype == F64 else 2e-3
+        tol = f64_tol if dtype == F64 else 2e-3
         assert err < tol, f"{what}: CUDA {dtype} meta-gradient differs from CPU float64 by {err:.2e}"
 
 
