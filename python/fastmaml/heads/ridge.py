@@ -177,9 +177,11 @@ class _RidgeLogitsFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, X, Y, Xq, lam, checks):  # X [T, n, d], Y [T, n, c], Xq [T, q, d], lam [T]
-        K = _add_diag(X @ X.mT, lam)  # [T, n, n]
-        L = cholesky_factor(K, "the ridge system matrix", lam == 0, checks)
+    def forward(ctx, X, Y, Xq, lam, checks, lam_positive):  # X [T, n, d], Y [T, n, c], Xq [T, q, d], lam [T]
+        K = X @ X.mT  # [T, n, n], a fresh tensor: the diagonal is added in place
+        K.diagonal(dim1=-2, dim2=-1).add_(lam[:, None])
+        # A lam known on the host to be > 0 cannot leave K singular: no singular check to launch.
+        L = cholesky_factor(K, "the ridge system matrix", None if lam_positive else lam == 0, checks)
         A = torch.cholesky_solve(Y, L)  # [T, n, c]
         Wt = A.mT @ X  # [T, c, d]: W^T, so that every d-long product below is written contiguously
         P = Xq @ Wt.mT  # [T, q, c]
@@ -197,7 +199,7 @@ class _RidgeLogitsFn(torch.autograd.Function):
             wrt = [t for t, nd in zip(ins, ctx.needs_input_grad) if nd]
             P = Xq @ (X.mT @ spd_solve(_add_diag(X @ X.mT, lam), Y))
             grads = iter(torch.autograd.grad(P, wrt, gP, create_graph=True))
-            return tuple(next(grads) if nd else None for nd in ctx.needs_input_grad[:4]) + (None,)
+            return tuple(next(grads) if nd else None for nd in ctx.needs_input_grad[:4]) + (None, None)
         gWt = gP.mT @ Xq  # [T, c, d]
         gXq = gP @ Wt if need_Xq else None  # [T, q, d]
         gX = gY = glam = None
@@ -211,7 +213,7 @@ class _RidgeLogitsFn(torch.autograd.Function):
                 gX = (A @ gWt).baddbmm_(gY, Wt, alpha=-1)  # [T, n, d]
             if need_lam:
                 glam = -(gY * A).sum((-2, -1))  # tr(gK)
-        return gX, (gY if need_Y else None), gXq, glam, None
+        return gX, (gY if need_Y else None), gXq, glam, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,10 +307,12 @@ def ridge_predict(
         torch.Size([2, 7, 3])
     """
     checks = DeferredChecks()  # values checked with the factorization, in one host sync
+    lam_in = lam
     X, Y, lam = _check_ridge_inputs(features, targets, lam, query_features, checks)
     n, d, c, q = X.shape[1], X.shape[2], Y.shape[2], query_features.shape[1]
     if _pick_form(form, n, d) == "dual":
-        return _RidgeLogitsFn.apply(X, Y, query_features, lam.contiguous(), checks)  # [T, q, c]
+        lam_positive = isinstance(lam_in, (int, float)) and lam_in > 0
+        return _RidgeLogitsFn.apply(X, Y, query_features, lam.contiguous(), checks, lam_positive)  # [T, q, c]
     checks.verify()
     W = spd_solve(_add_diag(X.mT @ X, lam), X.mT @ Y, None, lam.detach() == 0)  # [T, d, c]
     return query_features @ W
