@@ -34,6 +34,7 @@ _MAX_ITER = tl.constexpr(1)
 _NUMERICAL_ERROR = tl.constexpr(4)
 _INACCURATE = tl.constexpr(5)
 _INF = tl.constexpr(float("inf"))
+_NAN = tl.constexpr(float("nan"))
 _TINY = {torch.float32: torch.finfo(torch.float32).tiny, torch.float64: torch.finfo(torch.float64).tiny}
 
 
@@ -231,6 +232,32 @@ def _svm_cs_ipm_kernel(Kr_ptr, labels_ptr, settings_ptr, z_ptr, w_ptr, status_pt
     tl.store(gap_ptr + task, res_gap)
 
 
+@triton.jit
+def _svm_cs_kkt_kernel(Kr_ptr, w_ptr, rhs_ptr, out_ptr, n, c, NP: tl.constexpr, CP: tl.constexpr, DT: tl.constexpr):
+    """The backward pass's adjoint system ``[H E^T; E 0] [dz; dy] = [rhs; 0]`` at the weights ``w``,
+    one program per task; NaN rows where the system cannot be factored."""
+    task = tl.program_id(0).to(tl.int64)
+    kk = tl.arange(0, CP)[:, None]
+    ii = tl.arange(0, NP)[None, :]
+    kk3 = tl.arange(0, CP)[:, None, None]
+    ii3 = tl.arange(0, NP)[None, :, None]
+    jj3 = tl.arange(0, NP)[None, None, :]
+    valid_k = kk < c
+    valid = valid_k & (ii < n)
+    ri = tl.arange(0, NP)[:, None]
+    rj = tl.arange(0, NP)[None, :]
+    Kr = tl.load(Kr_ptr + task * n * n + ri * n + rj, mask=(ri < n) & (rj < n), other=0.0).to(DT)
+    Kr = tl.where((ri == rj) & (ri >= n), 1.0, Kr)
+    Kr3 = Kr[None, :, :]
+    at = task * c * n + kk * n + ii
+    w = tl.load(w_ptr + at, mask=valid, other=0.0).to(DT)
+    rhs = tl.load(rhs_ptr + at, mask=valid, other=0.0).to(DT)
+    Hinv, Sinv, bad = _factor(Kr3, w, kk3, ii3, jj3, ii, c, n)
+    dz, dy, u = _solve(Hinv, Sinv, Kr3, w, rhs, tl.zeros([NP], DT), valid_k, c)
+    dz = tl.where(bad == 0, dz, _NAN)
+    tl.store(out_ptr + at, dz, mask=valid)
+
+
 def supports(n: int, n_way: int) -> bool:
     """Whether a task of ``n`` support points and ``n_way`` classes fits the kernel's register tiles."""
     return n <= MAX_SUPPORT and n_way <= MAX_WAY
@@ -260,3 +287,20 @@ def svm_cs_ipm(Kr: Tensor, labels: Tensor, n_way: int, C: float, max_iter: int, 
     _svm_cs_ipm_kernel[(T,)](Kr, labels, settings, z, w, status, its, pres, dres, gap, n, n_way, int(max_iter),
                              NP=NP, CP=CP, DT=_TL_DTYPES[Kr.dtype], TINY=_TINY[Kr.dtype], num_warps=num_warps)
     return z, w, status, its, pres, dres, gap
+
+
+def svm_cs_kkt_solve(Kr: Tensor, w: Tensor, rhs: Tensor) -> Tensor:
+    """Solve the adjoint (Newton) system at the barrier weights ``w`` [T, c, n] for ``rhs`` [T, c, n],
+    like ``torch.ops.fastmaml.svm_cs_kkt_solve``: ``dz`` [T, c, n], NaN rows where not factorizable."""
+    T, n, _ = Kr.shape
+    n_way = w.shape[1]
+    if not supports(n, n_way):
+        raise ValueError(f"the Triton SVM kernel takes n <= {MAX_SUPPORT} and n_way <= {MAX_WAY}, got n={n}, "
+                         f"n_way={n_way}")
+    Kr, w, rhs = Kr.contiguous(), w.to(Kr.dtype).contiguous(), rhs.to(Kr.dtype).contiguous()
+    out = torch.empty_like(rhs)
+    NP = max(triton.next_power_of_2(n), 2)
+    CP = max(triton.next_power_of_2(n_way), 2)
+    num_warps = 1 if CP * NP * NP <= 256 else (4 if CP * NP * NP <= 2048 else 8)
+    _svm_cs_kkt_kernel[(T,)](Kr, w, rhs, out, n, n_way, NP=NP, CP=CP, DT=_TL_DTYPES[Kr.dtype], num_warps=num_warps)
+    return out

@@ -79,6 +79,26 @@ def test_indefinite_kernel_is_reported_not_solved():
     assert torch.isfinite(g).all() and (g[1] == 0).all() and (g[0] != 0).any()
 
 
+def test_adjoint_solve_matches_a_dense_kkt_solve():
+    from fastmaml.heads.svm import regularized_kernel
+    from fastmaml.kernels import svm_cs
+
+    K, _ = episode(3, 3, 2, 4, seed=6)  # d = 4 < n = 6: singular K, r = 0.1 keeps H positive definite
+    K[2] -= 50.0 * torch.eye(6, dtype=F64)  # task 2: not factorizable -> NaN, not garbage
+    Kr = regularized_kernel(K, 0.1)
+    g = torch.Generator().manual_seed(7)
+    w = torch.rand(3, 3, 6, generator=g, dtype=F64) * 10 + 1e-3
+    rhs = torch.randn(3, 3, 6, generator=g, dtype=F64)
+    got = svm_cs.svm_cs_kkt_solve(Kr.to(DEVICE), w.to(DEVICE), rhs.to(DEVICE)).cpu()
+    for t in range(2):  # [blockdiag(Kr + diag w_k)  E^T; E 0] [dz; dy] = [rhs; 0], E = [I I I]
+        H = torch.block_diag(*[Kr[t] + torch.diag(w[t, k]) for k in range(3)])
+        E = torch.eye(6, dtype=F64).repeat(1, 3)
+        M = torch.cat([torch.cat([H, E.mT], 1), torch.cat([E, torch.zeros(6, 6, dtype=F64)], 1)])
+        dense = torch.linalg.solve(M, torch.cat([rhs[t].reshape(-1), torch.zeros(6, dtype=F64)]))[:18]
+        assert rel_err(got[t].reshape(-1), dense) < 1e-10
+    assert torch.isnan(got[2]).all()
+
+
 def test_gradcheck_wrt_kernel():
     K, labels = episode(1, 3, 2, 5, seed=1)
     K = K.to(DEVICE).requires_grad_()

@@ -165,7 +165,7 @@ def _solve_forward(K: Tensor, labels: Tensor, cfg: _Settings):
 
         Kr = regularized_kernel(K, cfg.diag_reg, cfg.input_eps)
         z, w, status, its, pres, dres, gap = svm_cs.svm_cs_ipm(Kr, labels, cfg.n_way, cfg.C, cfg.max_iter, cfg.tol)
-        return mask_failed(z.reshape(T, -1), status), status, its, pres, dres, gap, ("weights", w)
+        return mask_failed(z.reshape(T, -1), status), status, its, pres, dres, gap, ("triton", w, Kr)
     kkt = CrammerSingerKKT(K, cfg.n_way, cfg.diag_reg, cfg.input_eps)
     y_cm = torch.nn.functional.one_hot(labels, cfg.n_way).to(K.dtype).mT.reshape(T, -1)  # [T, c n]
     z, lam, y, s, status, its, pres, dres, gap, fac = interior_point(
@@ -188,10 +188,11 @@ def _kernel_grad(K: Tensor, z: Tensor, status: Tensor, g_alpha: Tensor, state, c
     if state[0] == "cpu":
         dz = torch.ops.fastmaml.svm_cs_kkt_solve(K, cfg.diag_reg, cfg.input_eps, state[1], -gz.contiguous())
         dz = dz.reshape(T, -1)
-    elif state[0] == "weights":  # factor the Newton matrix once, at the returned iterate's weights
-        kkt = CrammerSingerKKT(K, c, cfg.diag_reg, cfg.input_eps)
+    elif state[0] == "triton":  # one more program per task: factor at the returned weights and solve
+        from ..kernels import svm_cs
+
         w = torch.where(failed[:, None, None], torch.ones_like(state[1]), state[1]) if any_failed else state[1]
-        dz, _, _ = kkt.solve(kkt.factor_weights(w)[0], -gz.reshape(T, -1), gz.new_zeros(T, n))
+        dz = svm_cs.svm_cs_kkt_solve(state[2], w, -gz).reshape(T, -1)
     else:
         dz, _, _ = state[1].solve(state[2], -gz.reshape(T, -1), gz.new_zeros(T, n))
     if any_failed:
