@@ -66,13 +66,13 @@ def _factor(Kr3, w, kk3, ii3, jj3, ii, c, n):
     H = Kr3 + tl.where(ii3 == jj3, w[:, :, None], 0.0)
     Hinv, bad = _sweep_inverse(H, ii3, jj3, ii, n)
     S = tl.sum(tl.where(kk3 < c, Hinv, 0.0), axis=0)[None, :, :]  # [1, NP, NP]
-    # Padded rows of S: identity (their blocks are identities summed over the c real classes).
+    # Padded rows of S: c on the diagonal (the c real classes' identity blocks), no coupling.
     Sinv, bad_s = _sweep_inverse(S, ii3, jj3, ii, n)
     return Hinv, Sinv, bad + bad_s
 
 
 @triton.jit
-def _solve(Hinv, Sinv, Kr3, w, rz, ry, valid_k, c):
+def _solve(Hinv, Sinv, Kr3, w, rz, ry, valid_k):
     """Newton system ``[H E^T; E 0] [dz; dy] = [rz; ry]``; also ``u = W dz`` (see the CPU solver)."""
     U = tl.sum(Hinv * rz[:, None, :], axis=2)  # [CP, NP]
     t = tl.sum(tl.where(valid_k, U, 0.0), axis=0) - ry  # [NP]
@@ -82,6 +82,26 @@ def _solve(Hinv, Sinv, Kr3, w, rz, ry, valid_k, c):
     rows = rz - dy[None, :] - Kdz  # on active bounds (w large): u from the block rows
     u = tl.where(w > 1.0, rows, w * dz)
     return dz, dy, u
+
+
+@triton.jit
+def _load_task(Kr_ptr, task, n, c, NP: tl.constexpr, CP: tl.constexpr, DT: tl.constexpr):
+    """Index tiles and ``Kr`` of one task, padded to ``[NP, NP]`` with an identity block.
+
+    Returns ``(kk [CP, 1], ii [1, NP], kk3, ii3, jj3, valid_k [CP, 1], valid [CP, NP], Kr3 [1, NP, NP])``.
+    """
+    kk = tl.arange(0, CP)[:, None]
+    ii = tl.arange(0, NP)[None, :]
+    kk3 = tl.arange(0, CP)[:, None, None]
+    ii3 = tl.arange(0, NP)[None, :, None]
+    jj3 = tl.arange(0, NP)[None, None, :]
+    valid_k = kk < c
+    valid = valid_k & (ii < n)
+    ri = tl.arange(0, NP)[:, None]
+    rj = tl.arange(0, NP)[None, :]
+    Kr = tl.load(Kr_ptr + task * n * n + ri * n + rj, mask=(ri < n) & (rj < n), other=0.0).to(DT)
+    Kr = tl.where((ri == rj) & (ri >= n), 1.0, Kr)  # padded rows: identity
+    return kk, ii, kk3, ii3, jj3, valid_k, valid, Kr[None, :, :]
 
 
 @triton.jit
@@ -98,18 +118,7 @@ def _svm_cs_ipm_kernel(Kr_ptr, labels_ptr, settings_ptr, z_ptr, w_ptr, status_pt
     INF: tl.constexpr = _INF
     C = tl.load(settings_ptr)  # C and tol in the compute dtype (a float argument would be float32)
     tol = tl.load(settings_ptr + 1)
-    kk = tl.arange(0, CP)[:, None]
-    ii = tl.arange(0, NP)[None, :]
-    kk3 = tl.arange(0, CP)[:, None, None]
-    ii3 = tl.arange(0, NP)[None, :, None]
-    jj3 = tl.arange(0, NP)[None, None, :]
-    valid_k = kk < c
-    valid = valid_k & (ii < n)
-    ri = tl.arange(0, NP)[:, None]
-    rj = tl.arange(0, NP)[None, :]
-    Kr = tl.load(Kr_ptr + task * n * n + ri * n + rj, mask=(ri < n) & (rj < n), other=0.0).to(DT)
-    Kr = tl.where((ri == rj) & (ri >= n), 1.0, Kr)  # padded rows: identity
-    Kr3 = Kr[None, :, :]
+    kk, ii, kk3, ii3, jj3, valid_k, valid, Kr3 = _load_task(Kr_ptr, task, n, c, NP, CP, DT)
     lab = tl.load(labels_ptr + task * n + tl.arange(0, NP), mask=tl.arange(0, NP) < n, other=-1)
     y1 = tl.where(valid & (lab[None, :] == kk), 1.0, 0.0).to(DT)  # one-hot, class-major
     pv = -y1
@@ -122,7 +131,7 @@ def _svm_cs_ipm_kernel(Kr_ptr, labels_ptr, settings_ptr, z_ptr, w_ptr, status_pt
     # Start (as the CPU solver): minimise 1/2 z'Qz + p'z + 1/2 |z - h|^2 s.t. sum_k z_k = 0.
     ones = tl.where(valid, 1.0, 0.0).to(DT)
     Hinv, Sinv, bad = _factor(Kr3, ones, kk3, ii3, jj3, ii, c, n)
-    z, y, _u = _solve(Hinv, Sinv, Kr3, ones, tl.where(valid, h - pv, 0.0), tl.zeros([NP], DT), valid_k, c)
+    z, y, _u = _solve(Hinv, Sinv, Kr3, ones, tl.where(valid, h - pv, 0.0), tl.zeros([NP], DT), valid_k)
     z = tl.where(valid, z, 0.0)
     s = h - z
     lam = -s
@@ -195,7 +204,7 @@ def _svm_cs_ipm_kernel(Kr_ptr, labels_ptr, settings_ptr, z_ptr, w_ptr, status_pt
         ry = -r_eq
         rc = s * lam
         rz = tl.where(valid, -r_d - (w * r_in - rc / s), 0.0)
-        dz, dy, u = _solve(Hinv, Sinv, Kr3, w, rz, ry, valid_k, c)
+        dz, dy, u = _solve(Hinv, Sinv, Kr3, w, rz, ry, valid_k)
         dlam = u + w * r_in - rc / s
         ds = -r_in - dz
         a_aff = tl.minimum(tl.minimum(_max_step(s, ds, valid), _max_step(lam, dlam, valid)), 1.0)
@@ -204,7 +213,7 @@ def _svm_cs_ipm_kernel(Kr_ptr, labels_ptr, settings_ptr, z_ptr, w_ptr, status_pt
         sigma = ratio * ratio * ratio
         rc = s * lam + ds * dlam - sigma * mu
         rz = tl.where(valid, -r_d - (w * r_in - rc / s), 0.0)
-        dz, dy, u = _solve(Hinv, Sinv, Kr3, w, rz, ry, valid_k, c)
+        dz, dy, u = _solve(Hinv, Sinv, Kr3, w, rz, ry, valid_k)
         dlam = u + w * r_in - rc / s
         ds = -r_in - dz
         alpha = tl.minimum(0.99 * tl.minimum(_max_step(s, ds, valid), _max_step(lam, dlam, valid)), 1.0)
@@ -237,23 +246,12 @@ def _svm_cs_kkt_kernel(Kr_ptr, w_ptr, rhs_ptr, out_ptr, n, c, NP: tl.constexpr, 
     """The backward pass's adjoint system ``[H E^T; E 0] [dz; dy] = [rhs; 0]`` at the weights ``w``,
     one program per task; NaN rows where the system cannot be factored."""
     task = tl.program_id(0).to(tl.int64)
-    kk = tl.arange(0, CP)[:, None]
-    ii = tl.arange(0, NP)[None, :]
-    kk3 = tl.arange(0, CP)[:, None, None]
-    ii3 = tl.arange(0, NP)[None, :, None]
-    jj3 = tl.arange(0, NP)[None, None, :]
-    valid_k = kk < c
-    valid = valid_k & (ii < n)
-    ri = tl.arange(0, NP)[:, None]
-    rj = tl.arange(0, NP)[None, :]
-    Kr = tl.load(Kr_ptr + task * n * n + ri * n + rj, mask=(ri < n) & (rj < n), other=0.0).to(DT)
-    Kr = tl.where((ri == rj) & (ri >= n), 1.0, Kr)
-    Kr3 = Kr[None, :, :]
+    kk, ii, kk3, ii3, jj3, valid_k, valid, Kr3 = _load_task(Kr_ptr, task, n, c, NP, CP, DT)
     at = task * c * n + kk * n + ii
     w = tl.load(w_ptr + at, mask=valid, other=0.0).to(DT)
     rhs = tl.load(rhs_ptr + at, mask=valid, other=0.0).to(DT)
     Hinv, Sinv, bad = _factor(Kr3, w, kk3, ii3, jj3, ii, c, n)
-    dz, dy, u = _solve(Hinv, Sinv, Kr3, w, rhs, tl.zeros([NP], DT), valid_k, c)
+    dz, dy, u = _solve(Hinv, Sinv, Kr3, w, rhs, tl.zeros([NP], DT), valid_k)
     dz = tl.where(bad == 0, dz, _NAN)
     tl.store(out_ptr + at, dz, mask=valid)
 
@@ -263,6 +261,18 @@ def supports(n: int, n_way: int) -> bool:
     return n <= MAX_SUPPORT and n_way <= MAX_WAY
 
 
+def _tiles(n: int, n_way: int) -> tuple[int, int, int]:
+    """``(NP, CP, num_warps)`` for a task of ``n`` support points and ``n_way`` classes."""
+    if not supports(n, n_way):
+        raise ValueError(f"the Triton SVM kernel takes n <= {MAX_SUPPORT} and n_way <= {MAX_WAY}, got n={n}, "
+                         f"n_way={n_way}")
+    NP = max(triton.next_power_of_2(n), 2)
+    CP = max(triton.next_power_of_2(n_way), 2)
+    # ~32 tile elements per thread: [8, 32, 32] float64 (5-shot) takes 255 registers with 8 warps.
+    num_warps = 1 if CP * NP * NP <= 256 else (4 if CP * NP * NP <= 2048 else 8)
+    return NP, CP, num_warps
+
+
 def svm_cs_ipm(Kr: Tensor, labels: Tensor, n_way: int, C: float, max_iter: int, tol: float):
     """Solve with ``Kr = K + r I`` [T, n, n] (float32 or float64) and labels [T, n] int64.
 
@@ -270,9 +280,7 @@ def svm_cs_ipm(Kr: Tensor, labels: Tensor, n_way: int, C: float, max_iter: int, 
     pres, dres, gap)`` like ``torch.ops.fastmaml.svm_cs_ipm``.
     """
     T, n, _ = Kr.shape
-    if not supports(n, n_way):
-        raise ValueError(f"the Triton SVM kernel takes n <= {MAX_SUPPORT} and n_way <= {MAX_WAY}, got n={n}, "
-                         f"n_way={n_way}")
+    NP, CP, num_warps = _tiles(n, n_way)
     Kr = Kr.contiguous()
     labels = labels.contiguous()
     z = Kr.new_zeros(T, n_way, n)
@@ -280,9 +288,6 @@ def svm_cs_ipm(Kr: Tensor, labels: Tensor, n_way: int, C: float, max_iter: int, 
     status = labels.new_empty(T)
     its = labels.new_empty(T)
     pres, dres, gap = (Kr.new_empty(T) for _ in range(3))
-    NP = max(triton.next_power_of_2(n), 2)
-    CP = max(triton.next_power_of_2(n_way), 2)
-    num_warps = 1 if CP * NP * NP <= 256 else (4 if CP * NP * NP <= 2048 else 8)
     settings = torch.tensor([C, tol], dtype=Kr.dtype).to(Kr.device, non_blocking=True)
     _svm_cs_ipm_kernel[(T,)](Kr, labels, settings, z, w, status, its, pres, dres, gap, n, n_way, int(max_iter),
                              NP=NP, CP=CP, DT=_TL_DTYPES[Kr.dtype], TINY=_TINY[Kr.dtype], num_warps=num_warps)
@@ -293,14 +298,8 @@ def svm_cs_kkt_solve(Kr: Tensor, w: Tensor, rhs: Tensor) -> Tensor:
     """Solve the adjoint (Newton) system at the barrier weights ``w`` [T, c, n] for ``rhs`` [T, c, n],
     like ``torch.ops.fastmaml.svm_cs_kkt_solve``: ``dz`` [T, c, n], NaN rows where not factorizable."""
     T, n, _ = Kr.shape
-    n_way = w.shape[1]
-    if not supports(n, n_way):
-        raise ValueError(f"the Triton SVM kernel takes n <= {MAX_SUPPORT} and n_way <= {MAX_WAY}, got n={n}, "
-                         f"n_way={n_way}")
+    NP, CP, num_warps = _tiles(n, w.shape[1])
     Kr, w, rhs = Kr.contiguous(), w.to(Kr.dtype).contiguous(), rhs.to(Kr.dtype).contiguous()
     out = torch.empty_like(rhs)
-    NP = max(triton.next_power_of_2(n), 2)
-    CP = max(triton.next_power_of_2(n_way), 2)
-    num_warps = 1 if CP * NP * NP <= 256 else (4 if CP * NP * NP <= 2048 else 8)
-    _svm_cs_kkt_kernel[(T,)](Kr, w, rhs, out, n, n_way, NP=NP, CP=CP, DT=_TL_DTYPES[Kr.dtype], num_warps=num_warps)
+    _svm_cs_kkt_kernel[(T,)](Kr, w, rhs, out, n, w.shape[1], NP=NP, CP=CP, DT=_TL_DTYPES[Kr.dtype], num_warps=num_warps)
     return out
