@@ -2,8 +2,6 @@
 // dimension T; the rest of each tensor is its "row" (inner) of `inner` elements per task.
 #pragma once
 
-#include <cstdint>
-
 #include <ATen/ATen.h>
 
 #include <optional>
@@ -96,18 +94,6 @@ inline void check_task_axpby_inputs(at::TensorList x, at::TensorList y, at::Tens
                   "task scales must be contiguous [", T, "] ", dtype, " tensors on ", device,
                   ", got ", v.sizes(), " ", v.scalar_type());
     }
-  }
-}
-
-// The in-place update reads y[i] while writing x[i]: they must be the same memory or not overlap
-// (both are contiguous, checked above, so byte ranges decide).
-inline void check_inplace_no_partial_overlap(at::TensorList x, at::TensorList y) {
-  for (size_t i = 0; i < x.size(); ++i) {
-    const auto xs = reinterpret_cast<std::uintptr_t>(x[i].data_ptr());
-    const auto ys = reinterpret_cast<std::uintptr_t>(y[i].data_ptr());
-    const auto size = static_cast<std::uintptr_t>(x[i].numel() * x[i].element_size());
-    TORCH_CHECK(xs == ys || xs >= ys + size || ys >= xs + size, "y[", i, "] overlaps x[", i,
-                "] in memory; the in-place update needs separate tensors");
   }
 }
 

@@ -155,7 +155,6 @@ void task_axpby_inplace_cpu(at::TensorList x, at::TensorList y, at::TensorList a
                             const std::optional<at::Tensor>& x_scale,
                             const std::optional<at::Tensor>& y_scale) {
   check_task_axpby_inputs(x, y, alpha, x_scale, y_scale);
-  check_inplace_no_partial_overlap(x, y);
   task_axpby_into(x, y, alpha, x_scale, y_scale, x);
 }
 

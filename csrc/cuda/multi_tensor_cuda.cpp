@@ -80,7 +80,6 @@ void task_axpby_inplace_cuda(at::TensorList x, at::TensorList y, at::TensorList 
                              const std::optional<at::Tensor>& x_scale,
                              const std::optional<at::Tensor>& y_scale) {
   check_task_axpby_inputs(x, y, alpha, x_scale, y_scale);
-  check_inplace_no_partial_overlap(x, y);
   task_axpby_into_cuda(x, y, alpha, x_scale, y_scale, x);
 }
 

@@ -61,8 +61,7 @@ def inner_sgd_step(
         >>> phi = inner_sgd_step(theta, grads, [0.4, 0.1])  # per-tensor step sizes
     """
     params, grads, scale = _prepare_step(params, grads, max_grad_norm, backend)
-    return _task_axpby_checked(params, grads, lr, None, scale, backend, check_finite, "lr",
-                               deferred=("params", "grads"))
+    return _task_axpby_checked(params, grads, lr, None, scale, backend, check_finite, "lr")
 
 
 def inner_sgd_step_(
@@ -91,13 +90,11 @@ def inner_sgd_step_(
         ...         inner_sgd_step_(phi, support_grads(phi), 0.01)
     """
     params, grads, scale = _prepare_step(params, grads, max_grad_norm, backend)
-    return _task_axpby_inplace_checked(params, grads, lr, None, scale, backend, check_finite, "lr", "params", "grads",
-                                       deferred=True)
+    return _task_axpby_inplace_checked(params, grads, lr, None, scale, backend, check_finite, "lr", "params", "grads")
 
 
 def _prepare_step(params, grads, max_grad_norm, backend):
-    # With clipping, task_dot reads every gradient first: check them all now, under their names.
-    params, grads = _check_pair(params, grads, "params", "grads", per_tensor=max_grad_norm is not None)
+    params, grads = _check_pair(params, grads, "params", "grads")
     scale = None
     if max_grad_norm is not None:
         if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):

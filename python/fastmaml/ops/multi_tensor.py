@@ -92,16 +92,6 @@ def _dot_backward(ctx, grad_out):
     return grad_a, grad_b
 
 
-def _fake_same_device(x, y, alpha, x_scale, y_scale) -> None:
-    """The compiled kernels' device check, in the shape functions: a call that mixes meta (or fake)
-    tensors with real ones is dispatched here, not to the kernel that would refuse it."""
-    device = x[0].device
-    for name, ts in (("x", x), ("y", y), ("alpha", alpha), ("x_scale", [x_scale]), ("y_scale", [y_scale])):
-        for i, t in enumerate(ts):
-            if t is not None and t.device != device:
-                raise RuntimeError(f"{name}[{i}] is on {t.device}, expected {device}")
-
-
 def _register_native_autograd():
     from .._extension import HAS_NATIVE
 
@@ -112,7 +102,6 @@ def _register_native_autograd():
 
     @torch.library.register_fake("fastmaml::task_axpby")
     def _(x, y, alpha, x_scale, y_scale):
-        _fake_same_device(x, y, alpha, x_scale, y_scale)
         return [torch.empty_like(t) for t in x]
 
     @torch.library.register_fake("fastmaml::task_dot")
@@ -121,7 +110,6 @@ def _register_native_autograd():
 
     @torch.library.register_fake("fastmaml::task_axpby_")
     def _(x, y, alpha, x_scale, y_scale):
-        _fake_same_device(x, y, alpha, x_scale, y_scale)
         return None
 
 
@@ -262,37 +250,22 @@ def task_axpby(
         >>> grads = [torch.randn_like(t) for t in theta]
         >>> phi = task_axpby(theta, grads, 0.1)  # theta - 0.1 * grads
     """
-    x, y = _check_pair(x, y, per_tensor=False)
-    return _task_axpby_checked(x, y, alpha, x_scale, y_scale, backend, check_finite, deferred=("x", "y"))
+    x, y = _check_pair(x, y)
+    return _task_axpby_checked(x, y, alpha, x_scale, y_scale, backend, check_finite)
 
 
-def _check_pair(x, y, x_name: str = "x", y_name: str = "y", per_tensor: bool = True) -> tuple[list[Tensor], list[Tensor]]:
-    """Lists of tensors of the same length; with ``per_tensor``, every tensor's dtype, device and
-    shape too (else only the first tensor's, which fixes dtype, device and T: see ``_deferred``)."""
+def _check_pair(x, y, x_name: str = "x", y_name: str = "y") -> tuple[list[Tensor], list[Tensor]]:
     x = V.check_tensor_list(x, x_name)
     y = V.check_tensor_list(y, y_name)
     V.check_same_length(**{x_name: x, y_name: y})
-    V.check_task_tensors(x if per_tensor else x[:1], x_name)
-    if per_tensor:
-        V.check_task_tensors(y, y_name, like=x)
+    V.check_task_tensors(x, x_name)
+    V.check_task_tensors(y, y_name, like=x)
     return x, y
 
 
-def _deferred(x, y, names) -> None:
-    """The per-tensor checks that ``_check_pair(per_tensor=False)`` left out, under the caller's names.
-
-    The compiled ops check the same conditions in C++ (a few ns per tensor, against ~0.5 us per
-    tensor here), so on the native backends these run only to name the argument after the op
-    has refused its inputs; the other backends run them before."""
-    if names is not None:
-        V.check_task_tensors(x, names[0])
-        V.check_task_tensors(y, names[1], like=x)
-
-
-def _task_axpby_checked(x, y, alpha, x_scale, y_scale, backend, check_finite, alpha_name="alpha",
-                        deferred=None) -> list[Tensor]:
-    """``task_axpby`` once ``x`` and ``y`` have passed ``_check_pair``; ``deferred``: the argument
-    names when that was ``per_tensor=False`` (see ``_deferred``)."""
+def _task_axpby_checked(x, y, alpha, x_scale, y_scale, backend, check_finite, alpha_name="alpha") -> list[Tensor]:
+    """``task_axpby`` once ``x`` and ``y`` have passed ``_check_pair`` (callers that checked them
+    under their own argument names skip a second pass over every tensor)."""
     num_tasks = x[0].shape[0]
     alpha = _normalize_alpha(alpha, x, check_finite, alpha_name)
     if x_scale is not None:
@@ -300,21 +273,15 @@ def _task_axpby_checked(x, y, alpha, x_scale, y_scale, backend, check_finite, al
     if y_scale is not None:
         y_scale = V.check_task_vector(y_scale, "y_scale", num_tasks, x[0]).contiguous()
     chosen = resolve_backend(x[0].device, backend)
-    if chosen in ("reference", "triton"):
-        _deferred(x, y, deferred)
     if chosen == "reference":
         return task_axpby_reference(x, y, alpha, x_scale, y_scale)
     x, y = _contiguous(x), _contiguous(y)
     if chosen == "triton":
         return list(_get_triton_ops()[0](x, y, alpha, x_scale, y_scale))
-    try:
-        if not _needs_graph(x, y, alpha, x_scale, y_scale):
-            with torch._C._AutoDispatchBelowAutograd():  # skips the Python autograd wrapper (~12 us a call)
-                return list(torch.ops.fastmaml.task_axpby.default(x, y, alpha, x_scale, y_scale))
-        return list(torch.ops.fastmaml.task_axpby(x, y, alpha, x_scale, y_scale))
-    except (RuntimeError, TypeError):
-        _deferred(x, y, deferred)  # raises the named error when it is one of ours
-        raise
+    if not _needs_graph(x, y, alpha, x_scale, y_scale):
+        with torch._C._AutoDispatchBelowAutograd():  # skips the Python autograd wrapper (~12 us a call)
+            return list(torch.ops.fastmaml.task_axpby.default(x, y, alpha, x_scale, y_scale))
+    return list(torch.ops.fastmaml.task_axpby(x, y, alpha, x_scale, y_scale))
 
 
 def _needs_graph(*groups) -> bool:
@@ -359,12 +326,11 @@ def task_dot(a: Sequence[Tensor], b: Sequence[Tensor], *, backend: str = "auto")
     return torch.ops.fastmaml.task_dot(a, b)
 
 
-def _check_inplace_allowed(x: Sequence[Tensor], others: dict, x_name: str = "x", listed=(), memory=True) -> None:
+def _check_inplace_allowed(x: Sequence[Tensor], others: dict, x_name: str = "x", listed=()) -> None:
     """The in-place update must never overwrite what autograd needs, nor read what it writes.
 
     ``others`` maps argument names to tensor lists; its first entry is the one read alongside ``x``.
     ``listed``: names of the other arguments that were given as lists (errors index into them).
-    ``memory=False`` skips the contiguity and overlap checks (the compiled ops make them in C++).
     """
     y_name, y = next(iter(others.items()))
     listed = (x_name, y_name, *listed)
@@ -378,8 +344,6 @@ def _check_inplace_allowed(x: Sequence[Tensor], others: dict, x_name: str = "x",
                         "needs. Use the out-of-place op (e.g. inner_sgd_step), or call this one under "
                         "torch.no_grad() to update parameters as an optimizer does."
                     )
-    if not memory:
-        return
     for i, t in enumerate(x):
         if not t.is_contiguous():
             raise ValueError(f"{x_name}[{i}] must be contiguous to be updated in place, got strides {t.stride()}")
@@ -422,33 +386,27 @@ def task_axpby_(
         >>> with torch.no_grad():
         ...     task_axpby_(theta, [torch.randn(4, 10)], 0.1)
     """
-    x, y = _check_pair(x, y, per_tensor=False)
-    return _task_axpby_inplace_checked(x, y, alpha, x_scale, y_scale, backend, check_finite, deferred=True)
+    x, y = _check_pair(x, y)
+    return _task_axpby_inplace_checked(x, y, alpha, x_scale, y_scale, backend, check_finite)
 
 
 def _task_axpby_inplace_checked(x, y, alpha, x_scale, y_scale, backend, check_finite, alpha_name="alpha",
-                                x_name="x", y_name="y", deferred=False) -> list[Tensor]:
-    """``task_axpby_`` once ``x`` and ``y`` have passed ``_check_pair`` (names: the caller's arguments);
-    ``deferred``: that was ``per_tensor=False`` (see ``_deferred``)."""
+                                x_name="x", y_name="y") -> list[Tensor]:
+    """``task_axpby_`` once ``x`` and ``y`` have passed ``_check_pair`` (names: the caller's arguments)."""
     num_tasks = x[0].shape[0]
     if isinstance(alpha, (list, tuple)):
         alpha_tensors = [a for a in alpha if isinstance(a, Tensor)]
     else:
         alpha_tensors = [alpha] if isinstance(alpha, Tensor) else []
-    chosen = resolve_backend(x[0].device, backend)
-    native = chosen not in ("reference", "triton")
-    names = (x_name, y_name) if deferred else None
-    if not native:
-        _deferred(x, y, names)
-    others = {y_name: y, alpha_name: alpha_tensors, "x_scale": [x_scale], "y_scale": [y_scale]}
-    listed = (alpha_name,) if isinstance(alpha, (list, tuple)) else ()
-    _check_inplace_allowed(x, others, x_name, listed, memory=not native)
+    _check_inplace_allowed(x, {y_name: y, alpha_name: alpha_tensors, "x_scale": [x_scale], "y_scale": [y_scale]},
+                           x_name, listed=(alpha_name,) if isinstance(alpha, (list, tuple)) else ())
     alpha = _normalize_alpha(alpha, x, check_finite, alpha_name)
     if x_scale is not None:
         x_scale = V.check_task_vector(x_scale, "x_scale", num_tasks, x[0]).contiguous()
     if y_scale is not None:
         y_scale = V.check_task_vector(y_scale, "y_scale", num_tasks, x[0]).contiguous()
-    y_in, y = y, _contiguous(y)
+    chosen = resolve_backend(x[0].device, backend)
+    y = _contiguous(y)
     with torch.no_grad():
         if chosen == "reference":
             for xi, oi in zip(x, task_axpby_reference(x, y, alpha, x_scale, y_scale)):
@@ -457,13 +415,8 @@ def _task_axpby_inplace_checked(x, y, alpha, x_scale, y_scale, backend, check_fi
         if chosen == "triton":
             _get_triton_ops()[2](x, y, alpha, x_scale, y_scale)
         else:
-            try:
-                with torch._C._AutoDispatchBelowAutograd():  # nothing to record: no grad mode, checked above
-                    torch.ops.fastmaml.task_axpby_.default(x, y, alpha, x_scale, y_scale)
-            except (RuntimeError, TypeError):  # name the argument when the op refused one of ours
-                _deferred(x, y_in, names)
-                _check_inplace_allowed(x, {**others, y_name: y_in}, x_name, listed)
-                raise
+            with torch._C._AutoDispatchBelowAutograd():  # nothing to record: no grad mode, checked above
+                torch.ops.fastmaml.task_axpby_.default(x, y, alpha, x_scale, y_scale)
             # A compiled op has no ADInplaceOrView kernel: bump the versions as x.add_() would.
             torch.autograd.graph.increment_version(x)
     return x
