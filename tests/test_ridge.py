@@ -150,3 +150,16 @@ def test_zero_lambda_with_dependent_features_reports_not_positive_definite():
     with pytest.raises(ValueError, match=r"not positive definite for tasks \[1\]"):
         ridge_solve(X, Y, 0.0, form="dual")
     ridge_solve(X[:1], Y[:1], 0.0, form="dual")  # task 0 alone is fine with lam = 0
+
+
+def test_factor_solve_forms_agree():
+    # The two batched triangular solves (the CUDA form) and LAPACK's potrs give the same K^-1 B.
+    from fastmaml.heads.ridge import factor_solve
+
+    g = torch.Generator().manual_seed(11)
+    M = torch.randn(4, 6, 6, generator=g, dtype=torch.float64)
+    L = torch.linalg.cholesky(M @ M.mT + 0.5 * torch.eye(6, dtype=torch.float64))
+    B = torch.randn(4, 6, 3, generator=g, dtype=torch.float64)
+    expected = torch.linalg.solve(L @ L.mT, B)
+    for triangular in (True, False):
+        torch.testing.assert_close(factor_solve(B, L, triangular), expected, rtol=1e-10, atol=1e-12)

@@ -71,6 +71,21 @@ def cholesky_factor(K: Tensor, name: str = "K", singular_check: Optional[Tensor]
     return L
 
 
+def factor_solve(B: Tensor, L: Tensor, triangular: Optional[bool] = None) -> Tensor:
+    """``(L L^T)^-1 B`` for a batch of lower factors ``L`` [T, m, m] and right-hand sides [T, m, c].
+
+    On CUDA as two batched triangular solves: cuSOLVER's batched ``potrs`` takes one right-hand
+    side only, so ``torch.cholesky_solve`` with ``c > 1`` columns may loop over the batch (PyTorch's
+    own measurement: 16 x [16, 16] in 158 us looped against 30 us as two triangular solves, pull
+    request 175898). On the CPU, LAPACK's ``potrs``. ``triangular`` forces either form.
+    """
+    if triangular is None:
+        triangular = B.device.type == "cuda" and B.shape[-1] > 1
+    if triangular:
+        return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, B, upper=False), upper=True)
+    return torch.cholesky_solve(B, L)
+
+
 class _SPDSolve(torch.autograd.Function):
     """``Z = K^-1 B`` for SPD ``K`` (lower triangle read), factor ``L`` computed once or given.
 
@@ -83,7 +98,7 @@ class _SPDSolve(torch.autograd.Function):
     def forward(ctx, K, B, L, singular_check=None):  # K [T, m, m], B [T, m, c], L [T, m, m] or None
         if L is None:
             L = cholesky_factor(K, "the ridge system matrix", singular_check)
-        Z = torch.cholesky_solve(B, L)  # [T, m, c]
+        Z = factor_solve(B, L)  # [T, m, c]
         ctx.save_for_backward(K, Z)
         ctx.L = L  # a constant of the backward: no gradient flows into the factor
         return Z
@@ -182,7 +197,7 @@ class _RidgeLogitsFn(torch.autograd.Function):
         K.diagonal(dim1=-2, dim2=-1).add_(lam[:, None])
         # A lam known on the host to be > 0 cannot leave K singular: no singular check to launch.
         L = cholesky_factor(K, "the ridge system matrix", None if lam_positive else lam == 0, checks)
-        A = torch.cholesky_solve(Y, L)  # [T, n, c]
+        A = factor_solve(Y, L)  # [T, n, c]
         Wt = A.mT @ X  # [T, c, d]: W^T, so that every d-long product below is written contiguously
         P = Xq @ Wt.mT  # [T, q, c]
         checks.verify()  # the inputs' and the factorization's checks: one host synchronisation
@@ -204,7 +219,7 @@ class _RidgeLogitsFn(torch.autograd.Function):
         gXq = gP @ Wt if need_Xq else None  # [T, q, d]
         gX = gY = glam = None
         if need_X or need_Y or need_lam:
-            gY = torch.cholesky_solve(X @ gWt.mT, ctx.L)  # K^-1 gA, [T, n, c]
+            gY = factor_solve(X @ gWt.mT, ctx.L)  # K^-1 gA, [T, n, c]
             if need_X:
                 # (gK + gK^T) X with gK = -gY A^T is -gY W^T - A (gY^T X): 3 n c d flops
                 # instead of the n^2 d of forming it (autograd spends 2 n^2 d), and with the
