@@ -153,8 +153,8 @@ def test_zero_lambda_with_dependent_features_reports_not_positive_definite():
 
 
 def test_factor_solve_forms_agree():
-    # The two batched triangular solves (the CUDA form) and LAPACK's potrs give the same K^-1 B.
-    from fastmaml.heads.ridge import factor_solve
+    # The batched triangular solves (the CUDA forms) and LAPACK's potrs / potri give K^-1 B and K^-1.
+    from fastmaml.heads.ridge import factor_inverse, factor_solve
 
     g = torch.Generator().manual_seed(11)
     M = torch.randn(4, 6, 6, generator=g, dtype=torch.float64)
@@ -163,3 +163,4 @@ def test_factor_solve_forms_agree():
     expected = torch.linalg.solve(L @ L.mT, B)
     for triangular in (True, False):
         torch.testing.assert_close(factor_solve(B, L, triangular), expected, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(factor_inverse(L, triangular), torch.linalg.inv(L @ L.mT), rtol=1e-10, atol=1e-12)

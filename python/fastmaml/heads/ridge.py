@@ -86,6 +86,22 @@ def factor_solve(B: Tensor, L: Tensor, triangular: Optional[bool] = None) -> Ten
     return torch.cholesky_solve(B, L)
 
 
+def factor_inverse(L: Tensor, triangular: Optional[bool] = None) -> Tensor:
+    """``(L L^T)^-1`` for a batch of lower factors ``L`` [..., m, m].
+
+    On CUDA as ``L^-T L^-1`` from one batched triangular solve and one batched product:
+    ``torch.cholesky_inverse`` solves with the m identity columns, which cuSOLVER's one-column
+    batched ``potrs`` cannot batch (see ``factor_solve``). On the CPU, LAPACK's ``potri``.
+    """
+    if triangular is None:
+        triangular = L.device.type == "cuda"
+    if triangular:
+        eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand(L.shape)
+        Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+        return Linv.mT @ Linv
+    return torch.cholesky_inverse(L)
+
+
 class _SPDSolve(torch.autograd.Function):
     """``Z = K^-1 B`` for SPD ``K`` (lower triangle read), factor ``L`` computed once or given.
 

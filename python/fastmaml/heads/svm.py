@@ -38,6 +38,7 @@ from torch import Tensor
 from ..backend import resolve_backend
 from ._common import DeferredChecks, check_batched, check_labels, check_like, check_n_way, first_order_only
 from .qp import QPResult, QPStatus, default_tol, failed_mask, interior_point, mask_failed, raise_if_failed
+from .ridge import factor_inverse
 
 
 def regularized_kernel(K: Tensor, diag_reg: float, input_eps: float = 0.0) -> Tensor:
@@ -88,7 +89,7 @@ class CrammerSingerKKT:
         """Factor the Newton matrix for the barrier weights ``w`` ``[T, c, n]``."""
         H = self.Kr[:, None] + torch.diag_embed(w)  # [T, c, n, n]
         L, info = torch.linalg.cholesky_ex(H)
-        Hinv = torch.cholesky_inverse(L)  # [T, c, n, n]
+        Hinv = factor_inverse(L)  # [T, c, n, n]
         Ls, info_s = torch.linalg.cholesky_ex(Hinv.sum(1))  # Schur complement [T, n, n]
         bad = (info != 0).any(-1) | (info_s != 0)
         return (w, L, Ls), bad
