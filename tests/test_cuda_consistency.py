@@ -75,13 +75,14 @@ def test_r2d2_head_on_cuda():
     check_op_on_cuda(lambda X, Xq: head.to(X)(X, labels.to(X.device), Xq, 5), (X, Xq), "R2D2Head")
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])  # the Triton kernel, the PyTorch loop
 @pytest.mark.parametrize("shot", [1, 5])
-def test_svm_solve_on_cuda(shot):
+def test_svm_solve_on_cuda(shot, backend):
     X, labels, _ = episode(3, 5, shot, 1, 32, seed=shot)
     K = X @ X.mT
 
     def solve(K, labels):
-        res = svm_crammer_singer_solve(0.5 * (K + K.mT), labels, 5)
+        res = svm_crammer_singer_solve(0.5 * (K + K.mT), labels, 5, backend=backend)
         assert bool((res.status == 0).all()), res.status_names()
         return res.z
 
