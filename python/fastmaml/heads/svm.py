@@ -23,7 +23,8 @@ solve (``kernels/svm_cs.py``; ``n <= 32`` support points and ``n_way <= 8``: Met
 and 5-shot), ``"reference"`` is the batched PyTorch loop below. ``"auto"`` takes the compiled
 solver for CPU tensors, the Triton kernel for CUDA tensors where the task fits it, else the
 reference. The backward pass factors the Newton system at the returned iterate's barrier
-weights once, in PyTorch (``"reference"``, ``"triton"``) or compiled code (``"cpu"``). The generic
+weights once: in PyTorch (``"reference"``), in a second Triton program per task (``"triton"``) or
+in compiled code (``"cpu"``). The generic
 ``qp_solve`` on the Kronecker-built problem (``crammer_singer_qp_reference``) is a second
 reference; the tests check all of them against cvxpy.
 """
