@@ -31,6 +31,10 @@ TORCH_LIBRARY(fastmaml, m) {
 
 namespace py = pybind11;
 
+namespace fastmaml {
+void register_python_checks(py::module_& m);  // python_checks.cpp
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastmaml compiled kernels (ops are registered under torch.ops.fastmaml)";
   m.def("build_info", []() {
@@ -46,4 +50,5 @@ PYBIND11_MODULE(_C, m) {
     info["torch_built_against"] = std::string(FASTMAML_TORCH_VERSION);
     return info;
   });
+  fastmaml::register_python_checks(m);
 }

@@ -324,3 +324,23 @@ def test_rejects_mixed_devices():
         fastmaml.task_axpby([torch.randn(3, 4)], [torch.empty(3, 4, device="meta")], 0.1)
     with pytest.raises(TypeError, match=r"alpha\[0\] is torch.float32 on meta"):
         fastmaml.task_axpby([torch.randn(3, 4)], [torch.randn(3, 4)], [torch.empty((), device="meta")])
+
+
+@pytest.mark.skipif(not fastmaml.HAS_NATIVE, reason="compiled module not built")
+def test_compiled_argument_prechecks_find_what_the_python_checks_find():
+    # The front end's one-pass compiled pre-checks: -1 when the Python checks would pass, else the
+    # first index they would complain about (they then run and name it).
+    from fastmaml._extension import _C
+
+    x = [torch.randn(3, 4), torch.randn(3, 2, 2)]
+    assert _C.first_mismatched_pair(x, [t.clone() for t in x]) == -1
+    assert _C.first_mismatched_pair(x, [x[0], torch.randn(3, 4)]) == 1  # shape
+    assert _C.first_mismatched_pair(x, [x[0], x[1].double()]) == 1  # dtype
+    assert _C.first_mismatched_pair(x, [x[0].to("meta"), x[1]]) == 0  # device
+    assert _C.first_mismatched_pair([x[0], torch.randn(2, 4)], [x[0], torch.randn(2, 4)]) == 1  # tasks
+    buf = torch.randn(2, 20)
+    assert _C.first_unsafe_inplace_pair([buf[:, :10]], [buf[:, 10:]]) == 0  # x not contiguous
+    flat = torch.randn(40)
+    assert _C.first_unsafe_inplace_pair([flat[:20].view(2, 10)], [flat[10:30].view(2, 10)]) == 0  # overlap
+    assert _C.first_unsafe_inplace_pair([flat[:20].view(2, 10)], [flat[20:].view(2, 10)]) == -1
+    assert _C.first_unsafe_inplace_pair([flat[:20].view(2, 10)], [flat[:20].view(2, 10)]) == -1  # same memory

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import _validation as V
+from .._extension import _C
 from ..backend import resolve_backend
 from ..reference.multi_tensor import _per_task, task_axpby_reference, task_dot_reference
 
@@ -258,8 +259,13 @@ def _check_pair(x, y, x_name: str = "x", y_name: str = "y") -> tuple[list[Tensor
     x = V.check_tensor_list(x, x_name)
     y = V.check_tensor_list(y, y_name)
     V.check_same_length(**{x_name: x, y_name: y})
-    V.check_task_tensors(x, x_name)
-    V.check_task_tensors(y, y_name, like=x)
+    V.check_task_tensors(x[:1], x_name)
+    # One compiled pass over every tensor's dtype, device and shape (~1 us for conv4's 18 tensors
+    # against ~20 us of Python attribute reads); the Python checks run when it finds a problem (or
+    # without the compiled module), and they raise the error that names it.
+    if _C is None or _C.first_mismatched_pair(x, y) >= 0:
+        V.check_task_tensors(x, x_name)
+        V.check_task_tensors(y, y_name, like=x)
     return x, y
 
 
@@ -344,6 +350,8 @@ def _check_inplace_allowed(x: Sequence[Tensor], others: dict, x_name: str = "x",
                         "needs. Use the out-of-place op (e.g. inner_sgd_step), or call this one under "
                         "torch.no_grad() to update parameters as an optimizer does."
                     )
+    if _C is not None and _C.first_unsafe_inplace_pair(x, y) < 0:  # the checks below, in one compiled pass
+        return
     for i, t in enumerate(x):
         if not t.is_contiguous():
             raise ValueError(f"{x_name}[{i}] must be contiguous to be updated in place, got strides {t.stride()}")
