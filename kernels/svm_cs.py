@@ -273,6 +273,21 @@ def _tiles(n: int, n_way: int) -> tuple[int, int, int]:
     return NP, CP, num_warps
 
 
+_SETTINGS: dict = {}
+
+
+def _settings_tensor(C: float, tol: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``[C, tol]`` on the device, cached to save a host-to-device copy per call (settings are
+    few; the cache is cleared if it ever grows)."""
+    key = (C, tol, dtype, device)
+    t = _SETTINGS.get(key)
+    if t is None:
+        if len(_SETTINGS) > 64:
+            _SETTINGS.clear()
+        t = _SETTINGS[key] = torch.tensor([C, tol], dtype=dtype, device=device)
+    return t
+
+
 def svm_cs_ipm(Kr: Tensor, labels: Tensor, n_way: int, C: float, max_iter: int, tol: float):
     """Solve with ``Kr = K + r I`` [T, n, n] (float32 or float64) and labels [T, n] int64.
 
@@ -288,7 +303,7 @@ def svm_cs_ipm(Kr: Tensor, labels: Tensor, n_way: int, C: float, max_iter: int, 
     status = labels.new_empty(T)
     its = labels.new_empty(T)
     pres, dres, gap = (Kr.new_empty(T) for _ in range(3))
-    settings = torch.tensor([C, tol], dtype=Kr.dtype).to(Kr.device, non_blocking=True)
+    settings = _settings_tensor(float(C), float(tol), Kr.dtype, Kr.device)
     _svm_cs_ipm_kernel[(T,)](Kr, labels, settings, z, w, status, its, pres, dres, gap, n, n_way, int(max_iter),
                              NP=NP, CP=CP, DT=_TL_DTYPES[Kr.dtype], TINY=_TINY[Kr.dtype], num_warps=num_warps)
     return z, w, status, its, pres, dres, gap
