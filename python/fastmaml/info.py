@@ -56,6 +56,8 @@ def main() -> None:
     print("  backend chosen by 'auto':")
     for op, per_dev in info["ops"].items():
         print(f"    {op:26s} " + ", ".join(f"{d}: {b}" for d, b in per_dev.items()))
+    if "triton" in info["ops"].get("svm_crammer_singer_solve", {}).values():
+        print("    (the Triton SVM solver takes n <= 32 support points and n_way <= 8; larger tasks: reference)")
 
 
 if __name__ == "__main__":
