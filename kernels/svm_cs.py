@@ -115,7 +115,6 @@ def _svm_cs_ipm_kernel(Kr_ptr, labels_ptr, settings_ptr, z_ptr, w_ptr, status_pt
                        gap_ptr, n, c, max_iter,
                        NP: tl.constexpr, CP: tl.constexpr, DT: tl.constexpr, TINY: tl.constexpr):
     task = tl.program_id(0).to(tl.int64)
-    INF: tl.constexpr = _INF
     C = tl.load(settings_ptr)  # C and tol in the compute dtype (a float argument would be float32)
     tol = tl.load(settings_ptr + 1)
     kk, ii, kk3, ii3, jj3, valid_k, valid, Kr3 = _load_task(Kr_ptr, task, n, c, NP, CP, DT)
@@ -135,8 +134,8 @@ def _svm_cs_ipm_kernel(Kr_ptr, labels_ptr, settings_ptr, z_ptr, w_ptr, status_pt
     z = tl.where(valid, z, 0.0)
     s = h - z
     lam = -s
-    smin = tl.maximum(-1.5 * tl.min(tl.min(tl.where(valid, s, INF), axis=1), axis=0), 0.0)
-    lmin = tl.maximum(-1.5 * tl.min(tl.min(tl.where(valid, lam, INF), axis=1), axis=0), 0.0)
+    smin = tl.maximum(-1.5 * tl.min(tl.min(tl.where(valid, s, _INF), axis=1), axis=0), 0.0)
+    lmin = tl.maximum(-1.5 * tl.min(tl.min(tl.where(valid, lam, _INF), axis=1), axis=0), 0.0)
     s += smin
     lam += lmin
     smax = tl.max(tl.max(tl.where(valid, tl.abs(s), 0.0), axis=1), axis=0)
@@ -152,7 +151,7 @@ def _svm_cs_ipm_kernel(Kr_ptr, labels_ptr, settings_ptr, z_ptr, w_ptr, status_pt
     status = tl.where(bad == 0, _MAX_ITER, _NUMERICAL_ERROR).to(tl.int32)
     iterations = status * 0
     stall = status * 0
-    best_merit = zero + INF
+    best_merit = zero + _INF
     best_z, best_lam, best_s = z, lam, s
     res_pres, res_dres, res_gap = zero, zero, zero
     it = status * 0
@@ -177,7 +176,7 @@ def _svm_cs_ipm_kernel(Kr_ptr, labels_ptr, settings_ptr, z_ptr, w_ptr, status_pt
         obj = 0.5 * zQz + pz
         gap = sl / tl.maximum(tl.abs(obj), 1e-8)
         merit = tl.maximum(tl.maximum(pres, dres), gap)
-        finite = (nan_count == 0) & (tl.abs(pres) < INF) & (tl.abs(dres) < INF) & (tl.abs(gap) < INF)
+        finite = (nan_count == 0) & (tl.abs(pres) < _INF) & (tl.abs(dres) < _INF) & (tl.abs(gap) < _INF)
         status = tl.where((status == _MAX_ITER) & ~finite, _NUMERICAL_ERROR, status)
         run = status == _MAX_ITER
         better = run & (merit < best_merit)

@@ -97,6 +97,9 @@ def test_adjoint_solve_matches_a_dense_kkt_solve():
         dense = torch.linalg.solve(M, torch.cat([rhs[t].reshape(-1), torch.zeros(6, dtype=F64)]))[:18]
         assert rel_err(got[t].reshape(-1), dense) < 1e-10
     assert torch.isnan(got[2]).all()
+    with pytest.raises(ValueError, match="the Triton SVM kernel takes n <= 32"):
+        svm_cs.svm_cs_kkt_solve(torch.eye(40, dtype=F64)[None], torch.ones(1, 3, 40, dtype=F64),
+                                torch.ones(1, 3, 40, dtype=F64))
 
 
 def test_gradcheck_wrt_kernel():

@@ -208,11 +208,10 @@ class _RidgeLogitsFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, X, Y, Xq, lam, checks, lam_positive):  # X [T, n, d], Y [T, n, c], Xq [T, q, d], lam [T]
+    def forward(ctx, X, Y, Xq, lam, checks, singular_check):  # X [T, n, d], Y [T, n, c], Xq [T, q, d], lam [T]
         K = X @ X.mT  # [T, n, n], a fresh tensor: the diagonal is added in place
         K.diagonal(dim1=-2, dim2=-1).add_(lam[:, None])
-        # A lam known on the host to be > 0 cannot leave K singular: no singular check to launch.
-        L = cholesky_factor(K, "the ridge system matrix", None if lam_positive else lam == 0, checks)
+        L = cholesky_factor(K, "the ridge system matrix", singular_check, checks)
         A = factor_solve(Y, L)  # [T, n, c]
         Wt = A.mT @ X  # [T, c, d]: W^T, so that every d-long product below is written contiguously
         P = Xq @ Wt.mT  # [T, q, c]
@@ -276,6 +275,14 @@ def _pick_form(form: str, n: int, d: int) -> str:
     return form
 
 
+def _singular_check(lam_spec, lam: Tensor) -> Optional[Tensor]:
+    """Tasks whose system may be singular (``lam == 0``), or None when ``lam`` was given as a
+    positive number: then no task can be, and the check's kernels need not run."""
+    if isinstance(lam_spec, (int, float)) and not isinstance(lam_spec, bool) and lam_spec > 0:
+        return None
+    return lam.detach() == 0
+
+
 def _add_diag(K: Tensor, lam: Tensor) -> Tensor:
     return K + torch.diag_embed(lam[:, None].expand(K.shape[:-1]))
 
@@ -304,12 +311,13 @@ def ridge_solve(features: Tensor, targets: Tensor, lam: Scalar, *, form: str = "
         >>> ridge_solve(X, Y, 1.0).shape
         torch.Size([4, 64, 3])
     """
+    lam_spec = lam
     X, Y, lam = _check_ridge_inputs(features, targets, lam)
     n, d = X.shape[1], X.shape[2]
     if _pick_form(form, n, d) == "dual":
-        A = spd_solve(_add_diag(X @ X.mT, lam), Y, None, lam.detach() == 0)  # [T, n, c]
+        A = spd_solve(_add_diag(X @ X.mT, lam), Y, None, _singular_check(lam_spec, lam))  # [T, n, c]
         return X.mT @ A  # [T, d, c]
-    return spd_solve(_add_diag(X.mT @ X, lam), X.mT @ Y, None, lam.detach() == 0)  # [T, d, c]
+    return spd_solve(_add_diag(X.mT @ X, lam), X.mT @ Y, None, _singular_check(lam_spec, lam))  # [T, d, c]
 
 
 def ridge_predict(
@@ -338,12 +346,12 @@ def ridge_predict(
         torch.Size([2, 7, 3])
     """
     checks = DeferredChecks()  # values checked with the factorization, in one host sync
-    lam_in = lam
+    lam_spec = lam
     X, Y, lam = _check_ridge_inputs(features, targets, lam, query_features, checks)
     n, d, c, q = X.shape[1], X.shape[2], Y.shape[2], query_features.shape[1]
     if _pick_form(form, n, d) == "dual":
-        lam_positive = isinstance(lam_in, (int, float)) and lam_in > 0
-        return _RidgeLogitsFn.apply(X, Y, query_features, lam.contiguous(), checks, lam_positive)  # [T, q, c]
+        return _RidgeLogitsFn.apply(X, Y, query_features, lam.contiguous(), checks,
+                                    _singular_check(lam_spec, lam))  # [T, q, c]
     checks.verify()
-    W = spd_solve(_add_diag(X.mT @ X, lam), X.mT @ Y, None, lam.detach() == 0)  # [T, d, c]
+    W = spd_solve(_add_diag(X.mT @ X, lam), X.mT @ Y, None, _singular_check(lam_spec, lam))  # [T, d, c]
     return query_features @ W
