@@ -12,12 +12,11 @@ import pytest  # noqa: E402
 
 import fastmaml  # noqa: E402
 from fastmaml import backend as B  # noqa: E402
+from fastmaml.bench._common import exact_float32  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-if torch.cuda.is_available():
-    # float32 tests mean IEEE float32: cuDNN convolutions default to TF32 (10-bit products).
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+# float32 tests mean IEEE float32: cuDNN convolutions default to TF32 (10-bit products).
+exact_float32(torch.device("cuda"))
 FAST_BACKENDS = ("cpu", "cuda", "triton")
 
 # Agreement of fast backends with the reference: (rtol, atol) per dtype.

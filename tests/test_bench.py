@@ -132,3 +132,22 @@ def test_meta_rows_are_checked_even_without_the_loop_provider():
     rows = bench_meta.run_meta("C", 3, (1,), ("func_vmap", "fastmaml_exact"), 1, (), {})
     assert [r["check"] for r in rows] == ["ok", "ok"]
     assert all(r["err_bound"] == bench_meta.ERR_FLOOR for r in rows)
+
+
+def test_flop_count_of_a_matmul_is_two_m_n_k():
+    from fastmaml.bench._common import counted_gflop
+
+    a, b = torch.randn(30, 40), torch.randn(40, 50)
+    out, gflop = counted_gflop(lambda: a @ b)
+    torch.testing.assert_close(out, a @ b)
+    assert gflop == pytest.approx(2 * 30 * 40 * 50 / 1e9)
+
+
+def test_meta_rows_report_flops_against_the_fastest_baseline():
+    from fastmaml.bench import meta as bench_meta
+
+    rows = {r["provider"]: r for r in bench_meta.run_meta("C", 3, (1,), ("func_vmap", "fastmaml_exact"), 1, (), {})}
+    base, ours = rows["func_vmap"], rows["fastmaml_exact"]
+    assert base["gflop"] > 0 and ours["gflop"] > 0
+    assert base["flop_speedup"] == pytest.approx(1.0)  # the only baseline is the fastest one
+    assert ours["flop_speedup"] == pytest.approx(base["gflop"] / ours["gflop"])

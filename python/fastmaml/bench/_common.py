@@ -51,6 +51,19 @@ def exact_float32(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = False
 
 
+def counted_gflop(fn: Callable[[], object]) -> tuple[object, float]:
+    """(fn(), GFLOP of that call) as torch's FlopCounterMode counts them: matrix products and
+    convolutions, forward and backward (elementwise work is not counted). NaN when the counter
+    cannot follow the call (then fn() runs again uncounted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    try:
+        with FlopCounterMode(display=False) as counter:
+            out = fn()
+        return out, counter.get_total_flops() / 1e9
+    except Exception:  # the count is a diagnostic: never let it hide the measured call
+        return fn(), float("nan")
+
+
 def git_commit() -> str:
     try:
         root = Path(__file__).resolve().parents[3]

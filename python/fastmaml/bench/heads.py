@@ -455,10 +455,13 @@ def bench_svm_e2e(env, configs, repeats, qpth_iters, C=0.1, device="cpu"):
         runs["_gram"] = gram_only
         timings = time_interleaved(runs, repeats, device=device)
         tg = timings.pop("_gram")
+        qpth_ms = [t["median_ms"] for name, t in timings.items() if name.startswith("qpth")]
         for name, t in timings.items():
             note = ""
             if name == "fastmaml":
                 note = f"feature products fwd+bwd {tg['median_ms']:.1f} ms = {100 * tg['median_ms'] / t['median_ms']:.0f}% of total"
+                if qpth_ms:  # what even a QP of zero cost could reach against the fastest qpth row
+                    note += f"; with a free QP at most {min(qpth_ms) / tg['median_ms']:.1f}x qpth"
             group.append(_row(env, family="svm_e2e", mode="fwd+bwd", tasks=T, n_way=n_way, shot=shot, queries=queries,
                               features=d, dtype="float32", provider=name, note=note, **t))
         # Accuracy: logits against those of the oracle's dual solution, relative to the largest.

@@ -54,7 +54,8 @@ from ..meta.hvp import batched_grad, hvp
 from ..meta.inner_loop import normalize_step_sizes
 from ..meta.models import Conv4, mse_loss, sinusoid_mlp
 from ..reference.meta import maml_loss_reference
-from ._common import add_level_options, append_csv, environment, exact_float32, have_module, print_table, progress, sync
+from ._common import (add_level_options, append_csv, counted_gflop, environment, exact_float32, have_module,
+                      print_table, progress, sync)
 
 # float32 meta-gradients of BN conv nets differ from float64 by 1e-6 to 5e-3 for every correct
 # implementation (the per-task autograd loop included); below this floor a difference is rounding.
@@ -320,13 +321,15 @@ def run_meta(workload: str, tasks: int, steps_list, providers, repeats: int, mem
         net64.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in net.state_dict().items()})
         ref = provider_fn("loop_autograd", net64, loss_fn, _cast(sup, torch.float64), _cast(qry, torch.float64),
                           steps, lr)()
-        errs, times = {}, {}
+        errs, times, gflop = {}, {}, {}
         for p in progress(active, f"meta {workload} T={tasks} K={steps}"):
             fn = provider_fn(p, net, loss_fn, sup, qry, steps, lr)
             try:
-                errs[p] = rel_err(fn(), ref)
+                out, gflop[p] = counted_gflop(fn)  # the accuracy call is also the counted one
+                errs[p] = rel_err(out, ref)
                 times[p] = time_wall_and_cpu(fn, repeats, device=device)
             except Exception as exc:  # a provider that cannot run this workload is reported, not hidden
+                gflop[p] = float("nan")
                 errs[p], times[p] = float("nan"), {"median_ms": float("nan"), "p25_ms": float("nan"),
                                                    "p75_ms": float("nan"), "n": 0, "cpu_ms": float("nan"),
                                                    "error": repr(exc)[:120]}
@@ -339,6 +342,7 @@ def run_meta(workload: str, tasks: int, steps_list, providers, repeats: int, mem
         fastest_cpu = min(base_cpu) if base_cpu else float("nan")
         fastest_name = min((b for b in BASELINES if b in times and ok.get(b)), key=lambda b: times[b]["median_ms"],
                            default="")
+        fastest_gflop = gflop.get(fastest_name, float("nan"))
         for p in providers:
             if p in skipped:
                 rows.append({**env, "workload": workload, "tasks": tasks, "steps": steps, "provider": p,
@@ -352,6 +356,9 @@ def run_meta(workload: str, tasks: int, steps_list, providers, repeats: int, mem
                          "check": "ok" if ok[p] else "FAILED",
                          "speedup_vs_fastest_baseline": fastest / times[p]["median_ms"] if ok[p] else float("nan"),
                          "fastest_baseline": fastest_name,
+                         "gflop": gflop[p],
+                         # the speed-up if every provider ran at the fastest baseline's FLOP rate
+                         "flop_speedup": fastest_gflop / gflop[p] if ok[p] and gflop[p] > 0 else float("nan"),
                          "cpu_speedup_vs_fastest_baseline": (fastest_cpu / times[p]["cpu_ms"] if ok[p]
                                                              else float("nan")),
                          "note": times[p].get("error", "")})
@@ -412,13 +419,18 @@ def run_hvp(tasks: int, repeats: int, env, device="cpu") -> list[dict]:
     }
     rows = []
     for name, (fn, is_hvp) in progress(cases.items(), "hvp", total=len(cases)):
-        err = rel_err(fn(), ref) if is_hvp else float("nan")
+        out, gflop = counted_gflop(fn)
+        err = rel_err(out, ref) if is_hvp else float("nan")
         t = time_wall_and_cpu(fn, repeats, device=device)
-        rows.append({**env, "workload": "hvp", "tasks": tasks, "provider": name, **t, "rel_err_vs_f64": err})
-    g_ms, g_cpu = rows[0]["median_ms"], rows[0]["cpu_ms"]
+        rows.append({**env, "workload": "hvp", "tasks": tasks, "provider": name, **t, "rel_err_vs_f64": err,
+                     "gflop": gflop})
+    g_ms, g_cpu, g_gflop = rows[0]["median_ms"], rows[0]["cpu_ms"], rows[0]["gflop"]
     for r in rows:
         r["x_gradient"] = r["median_ms"] / g_ms
         r["cpu_x_gradient"] = r["cpu_ms"] / g_cpu
+        # convolution / matmul work as a multiple of the gradient's: the floor of x_gradient at an
+        # equal FLOP rate
+        r["flop_x_gradient"] = r["gflop"] / g_gflop if g_gflop > 0 else float("nan")
     return rows
 
 
@@ -432,10 +444,14 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: the 2 cores here are shared, see docs/meta.md)")
     parser.add_argument("--no-memory", action="store_true", help="skip the subprocess peak-memory runs")
+    parser.add_argument("--steps", type=int, action="append",
+                        help="inner steps K of workloads A and B (repeatable; default: those of the level)")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS + OPTIONAL_PROVIDERS, default=None)
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.steps and min(args.steps) < 1:
+        parser.error(f"--steps must be >= 1, got {min(args.steps)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available on this machine")
     device = torch.device(args.device)
@@ -456,7 +472,8 @@ def main(argv=None) -> list[dict]:
                  ("peak_extra_mb", "peak +MB", ".0f"), ("rel_err_vs_f64", "rel err", ".1e"),
                  ("cpu_ms", "cpu ms", ".1f"), ("check", "check", "s"),
                  ("speedup_vs_fastest_baseline", "speed-up", ".2f"),
-                 ("cpu_speedup_vs_fastest_baseline", "cpu speed-up", ".2f"), ("note", "note", "s")]
+                 ("cpu_speedup_vs_fastest_baseline", "cpu speed-up", ".2f"), ("gflop", "GFLOP", ".1f"),
+                 ("flop_speedup", "FLOP speed-up", ".2f"), ("note", "note", "s")]
     print(f"meta-gradient benchmark ({args.level}): {env['device']}, torch {env['torch']}, commit {env['commit']}, "
           f"{env['threads']} threads, float32" + ("; peak memory = CUDA allocator peak" if device.type == "cuda" else ""))
     for wl in workloads:
@@ -465,7 +482,8 @@ def main(argv=None) -> list[dict]:
             print_table(rows, [("provider", "HVP of the conv4 support loss (T=8)", "s"),
                                ("median_ms", "median ms", ".1f"), ("p25_ms", "p25", ".1f"), ("p75_ms", "p75", ".1f"),
                                ("x_gradient", "x gradient", ".2f"), ("cpu_ms", "cpu ms", ".1f"),
-                               ("cpu_x_gradient", "cpu x gradient", ".2f"), ("rel_err_vs_f64", "rel err", ".1e")])
+                               ("cpu_x_gradient", "cpu x gradient", ".2f"), ("flop_x_gradient", "FLOP x gradient", ".2f"),
+                               ("rel_err_vs_f64", "rel err", ".1e")])
         elif wl == "C":
             rows = []
             for tasks in level["c_tasks"]:
@@ -475,13 +493,15 @@ def main(argv=None) -> list[dict]:
             print_table(rows, meta_cols)
         else:
             tasks = 8 if wl == "A" else 4
-            steps = level["a_steps"] if wl == "A" else (level["b_steps"] or (5,))
+            steps = args.steps or (level["a_steps"] if wl == "A" else (level["b_steps"] or (5,)))
             rows = run_meta(wl, tasks, steps, providers, level["repeats"], steps if memory else (), env, device,
                             level["memory_providers"])
             print_table(rows, meta_cols)
             curve_steps = tuple(k for k in level["curve_steps"] if k not in steps) if wl == "A" or args.level == "full" else ()
             if memory and curve_steps:
-                mem_provs = ("loop_autograd", "func_vmap", "fastmaml_exact")
+                # higher is listed when installed: it runs backward task by task, the most frugal baseline
+                mem_provs = ("loop_autograd", "func_vmap") + (("higher",) if have_module("higher") else ()) + (
+                    "fastmaml_exact",)
                 curve = memory_curve(wl, tasks, curve_steps, mem_provs, env, device)
                 both = curve + [r for r in rows if r["provider"] in mem_provs]
                 table = {}
@@ -501,7 +521,7 @@ def main(argv=None) -> list[dict]:
 _CSV_FIELDS = ("date", "run_id", "commit", "device", "torch", "fastmaml", "python", "threads", "level", "workload", "tasks", "steps", "provider", "kind",
                "median_ms", "p25_ms", "p75_ms", "n", "peak_extra_mb", "rel_err_vs_f64", "err_bound", "check",
                "speedup_vs_fastest_baseline", "fastest_baseline", "cpu_ms", "cpu_speedup_vs_fastest_baseline", "x_gradient",
-               "cpu_x_gradient", "note")
+               "cpu_x_gradient", "gflop", "flop_speedup", "flop_x_gradient", "note")
 
 
 if __name__ == "__main__":

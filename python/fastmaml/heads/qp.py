@@ -318,10 +318,16 @@ def failed_mask(status: Tensor) -> Tensor:
     return (status >= int(QPStatus.PRIMAL_INFEASIBLE)) & (status <= int(QPStatus.NUMERICAL_ERROR))
 
 
+def may_have_failed(failed: Tensor) -> bool:
+    """Whether code must select around the tasks flagged in ``failed``: on the CPU only when one is;
+    on a GPU always, since the select costs less than the host sync that reading the flags needs."""
+    return failed.device.type != "cpu" or bool(failed.any())
+
+
 def mask_failed(z: Tensor, status: Tensor) -> Tensor:
     """NaN rows for the tasks without a usable solution (infeasible, unbounded, numerical error)."""
     failed = failed_mask(status)
-    if z.device.type == "cpu" and not bool(failed.any()):  # on a GPU the select is cheaper than a sync
+    if not may_have_failed(failed):
         return z
     return torch.where(failed[:, None], torch.full_like(z, float("nan")), z)
 

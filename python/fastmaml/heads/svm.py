@@ -38,7 +38,8 @@ from torch import Tensor
 
 from ..backend import resolve_backend
 from ._common import DeferredChecks, check_batched, check_labels, check_like, check_n_way, first_order_only
-from .qp import QPResult, QPStatus, default_tol, failed_mask, interior_point, mask_failed, raise_if_failed
+from .qp import (QPResult, QPStatus, default_tol, failed_mask, interior_point, mask_failed, may_have_failed,
+                 raise_if_failed)
 from .ridge import factor_inverse
 
 
@@ -180,8 +181,8 @@ def _kernel_grad(K: Tensor, z: Tensor, status: Tensor, g_alpha: Tensor, state, c
     """``dL/dK`` ``[T, n, n]`` from ``g_alpha`` ``[T, n, c]`` at the solution ``z`` (implicit function theorem)."""
     T, n, c = g_alpha.shape[0], g_alpha.shape[1], cfg.n_way
     failed = failed_mask(status)
-    any_failed = K.device.type != "cpu" or bool(failed.any())  # on a GPU: always select (no sync)
-    if any_failed:  # failed tasks (NaN solutions) get zero gradients
+    any_failed = may_have_failed(failed)  # failed tasks (NaN solutions) get zero gradients
+    if any_failed:
         ok = ~failed
         g_alpha = torch.where(ok[:, None, None], g_alpha, torch.zeros_like(g_alpha))
         z = torch.where(ok[:, None], z, torch.zeros_like(z))
