@@ -3,6 +3,9 @@
 Specification order: registration -> maths (gradcheck, gradgradcheck) -> agreement with the
 pure-PyTorch reference on every backend.
 """
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -245,11 +248,25 @@ def test_unknown_or_unavailable_backend_is_an_error():
         fastmaml.task_axpby(x, x, 0.1, backend="cuda")
 
 
+_DIRECT_CALL = """
+import faulthandler, torch, fastmaml
+faulthandler.enable()
+x = [torch.randn(3, 4)]
+try:
+    torch.ops.fastmaml.task_axpby(x, x, [torch.ones(3)], None, None)
+except RuntimeError as e:
+    print("RuntimeError:", e)
+"""
+
+
 @pytest.mark.skipif(not fastmaml.HAS_NATIVE, reason="compiled module not built")
 def test_native_op_checks_guard_direct_calls():
-    x = [torch.randn(3, 4)]
-    with pytest.raises(RuntimeError, match="expected 1 or 4"):
-        torch.ops.fastmaml.task_axpby(x, x, [torch.ones(3)], None, None)
+    # In a child process: an exception thrown inside the compiled op must reach Python as a
+    # RuntimeError, and if it ever takes the interpreter down instead (as once seen on a CUDA
+    # build), the failure shows the child's traceback rather than a lost test worker.
+    child = subprocess.run([sys.executable, "-c", _DIRECT_CALL], capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, f"the child died (exit {child.returncode}):\n{child.stderr[-4000:]}"
+    assert "RuntimeError:" in child.stdout and "expected 1 or 4" in child.stdout, child.stdout + child.stderr
 
 
 # --- the in-place variant ------------------------------------------------------------------------
