@@ -27,6 +27,10 @@ TORCH_LIBRARY(fastmaml, m) {
   // adjoint system of the backward pass. weights, rhs, result [T, c, n]; NaN rows for tasks whose
   // system is not positive definite.
   m.def("svm_cs_kkt_solve(Tensor kernel, float diag_reg, float floor_eps, Tensor weights, Tensor rhs) -> Tensor");
+  // Per-task products with a thin side (c <= 16 rows of b / columns of g), the heads' feature
+  // products: a [T, m, d], b [T, c, d] -> a @ b^T [T, m, c]; g [T, m, c] -> g^T @ a [T, c, d].
+  m.def("task_matmul_nt(Tensor a, Tensor b) -> Tensor");
+  m.def("task_matmul_tn(Tensor g, Tensor a) -> Tensor");
 }
 
 namespace py = pybind11;

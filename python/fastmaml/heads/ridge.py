@@ -20,6 +20,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from ..ops.task_matmul import task_matmul_nt, task_matmul_tn
 from ._common import DeferredChecks, check_batched, check_like, per_task_scalar
 
 Scalar = Union[float, Tensor]
@@ -161,7 +162,7 @@ class _GramPair(torch.autograd.Function):
 
     @staticmethod
     def forward(X, Xq):  # X [T, n, d], Xq [T, q, d]
-        return X @ X.mT, Xq @ X.mT
+        return task_matmul_nt(X, X), task_matmul_nt(Xq, X)  # thin when n is small (1-shot)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -175,7 +176,7 @@ class _GramPair(torch.autograd.Function):
             gG = gG + gG.mT  # [T, n, n]
         if ctx.needs_input_grad[0]:
             if gQ is not None:
-                gX = gQ.mT @ Xq  # [T, n, d]
+                gX = task_matmul_tn(gQ, Xq)  # [T, n, d]
                 if gG is not None:
                     gX = gX.baddbmm_(gG, X) if not torch.is_grad_enabled() else gX.baddbmm(gG, X)
             elif gG is not None:
@@ -209,12 +210,12 @@ class _RidgeLogitsFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, X, Y, Xq, lam, checks, singular_check):  # X [T, n, d], Y [T, n, c], Xq [T, q, d], lam [T]
-        K = X @ X.mT  # [T, n, n], a fresh tensor: the diagonal is added in place
+        K = task_matmul_nt(X, X)  # [T, n, n], a fresh tensor: the diagonal is added in place
         K.diagonal(dim1=-2, dim2=-1).add_(lam[:, None])
         L = cholesky_factor(K, "the ridge system matrix", singular_check, checks)
         A = factor_solve(Y, L)  # [T, n, c]
-        Wt = A.mT @ X  # [T, c, d]: W^T, so that every d-long product below is written contiguously
-        P = Xq @ Wt.mT  # [T, q, c]
+        Wt = task_matmul_tn(A, X)  # [T, c, d]: W^T, so that every d-long product below is written contiguously
+        P = task_matmul_nt(Xq, Wt)  # [T, q, c]
         checks.verify()  # the inputs' and the factorization's checks: one host synchronisation
         ctx.save_for_backward(X, Y, Xq, lam, A, Wt)
         ctx.L = L
@@ -230,16 +231,16 @@ class _RidgeLogitsFn(torch.autograd.Function):
             P = Xq @ (X.mT @ spd_solve(_add_diag(X @ X.mT, lam), Y))
             grads = iter(torch.autograd.grad(P, wrt, gP, create_graph=True))
             return tuple(next(grads) if nd else None for nd in ctx.needs_input_grad[:4]) + (None, None)
-        gWt = gP.mT @ Xq  # [T, c, d]
+        gWt = task_matmul_tn(gP, Xq)  # [T, c, d]
         gXq = gP @ Wt if need_Xq else None  # [T, q, d]
         gX = gY = glam = None
         if need_X or need_Y or need_lam:
-            gY = factor_solve(X @ gWt.mT, ctx.L)  # K^-1 gA, [T, n, c]
+            gY = factor_solve(task_matmul_nt(X, gWt), ctx.L)  # K^-1 gA, [T, n, c]
             if need_X:
                 # (gK + gK^T) X with gK = -gY A^T is -gY W^T - A (gY^T X): 3 n c d flops
                 # instead of the n^2 d of forming it (autograd spends 2 n^2 d), and with the
                 # A gW^T term it is two products into one buffer.
-                gWt.sub_(gY.mT @ X)  # (gW - X^T gY)^T, in place: [T, c, d]
+                gWt.sub_(task_matmul_tn(gY, X))  # (gW - X^T gY)^T, in place: [T, c, d]
                 gX = (A @ gWt).baddbmm_(gY, Wt, alpha=-1)  # [T, n, d]
             if need_lam:
                 glam = -(gY * A).sum((-2, -1))  # tr(gK)

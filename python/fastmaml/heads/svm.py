@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ..backend import resolve_backend
+from ..ops.task_matmul import task_matmul_nt, task_matmul_tn
 from ._common import DeferredChecks, check_batched, check_labels, check_like, check_n_way, first_order_only
 from .qp import (QPResult, QPStatus, default_tol, failed_mask, interior_point, mask_failed, may_have_failed,
                  raise_if_failed)
@@ -239,26 +240,26 @@ class _SVMWeightsLogitsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, X, Xq, labels, cfg):  # X [T, n, d], Xq [T, q, d]
         T, n, _ = X.shape
-        K = X @ X.mT  # [T, n, n]
+        K = task_matmul_nt(X, X)  # [T, n, n]
         Kc = K.to(cfg.compute_dtype)
         z, status, its, pres, dres, gap, state = _solve_forward(Kc, labels, cfg)
         alpha = z.reshape(T, cfg.n_way, n).mT.to(X.dtype)  # [T, n, c]
-        Wt = alpha.mT @ X  # [T, c, d]: in this layout every backward product is written contiguously
+        Wt = task_matmul_tn(alpha, X)  # [T, c, d]: in this layout every backward product is written contiguously
         ctx.cfg, ctx.state = cfg, state
         ctx.save_for_backward(X, Xq, alpha, Wt, Kc, z, status)
         ctx.mark_non_differentiable(status, its, pres, dres, gap)
-        return Xq @ Wt.mT, alpha, status, its, pres, dres, gap  # logits [T, q, c]
+        return task_matmul_nt(Xq, Wt), alpha, status, its, pres, dres, gap  # logits [T, q, c]
 
     @staticmethod
     @first_order_only("svm_logits")
     def backward(ctx, gP, g_alpha_out, *_):
         X, Xq, alpha, Wt, Kc, z, status = ctx.saved_tensors
         need_X, need_Xq = ctx.needs_input_grad[:2]
-        gWt = gP.mT @ Xq  # [T, c, d]
+        gWt = task_matmul_tn(gP, Xq)  # [T, c, d]
         gXq = gP @ Wt if need_Xq else None  # [T, q, d]
         gX = None
         if need_X:
-            g_alpha = X @ gWt.mT  # [T, n, c]
+            g_alpha = task_matmul_nt(X, gWt)  # [T, n, c]
             if g_alpha_out is not None:
                 g_alpha = g_alpha + g_alpha_out
             gK = _kernel_grad(Kc, z, status, g_alpha.to(Kc.dtype), ctx.state, ctx.cfg).to(X.dtype)
