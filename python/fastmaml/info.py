@@ -13,7 +13,8 @@ from ._extension import build_info
 # The ops behind the backend selector, in the order the user meets them, each with the compiled
 # op that runs it.
 OPS = {"task_axpby": "task_axpby", "task_dot": "task_dot", "inner_sgd_step": "task_axpby",
-       "fd_perturb": "task_axpby", "fd_combine": "task_axpby", "svm_crammer_singer_solve": "svm_cs_ipm"}
+       "fd_perturb": "task_axpby", "fd_combine": "task_axpby", "svm_crammer_singer_solve": "svm_cs_ipm",
+       "task_matmul_nt/tn (heads)": "task_matmul_nt"}
 
 
 def _version(dist: str) -> str:
@@ -58,6 +59,7 @@ def main() -> None:
         print(f"    {op:26s} " + ", ".join(f"{d}: {b}" for d, b in per_dev.items()))
     if "triton" in info["ops"].get("svm_crammer_singer_solve", {}).values():
         print("    (the Triton SVM solver takes n <= 32 support points and n_way <= 8; larger tasks: reference)")
+    print("    (task_matmul: the compiled kernel for float32/float64 with <= 16 classes, else torch.bmm)")
 
 
 if __name__ == "__main__":

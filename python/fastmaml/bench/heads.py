@@ -37,6 +37,7 @@ import torch
 from ..heads.qp import qp_solve
 from ..heads.ridge import gram_pair, ridge_predict
 from ..heads.svm import svm_crammer_singer_solve, svm_logits
+from ..ops.task_matmul import task_matmul_nt, task_matmul_tn
 from ..reference.heads import crammer_singer_qp_reference
 from ._common import add_level_options, append_csv, environment, exact_float32, have_module, print_table, progress, sync, time_call
 
@@ -447,10 +448,10 @@ def bench_svm_e2e(env, configs, repeats, qpth_iters, C=0.1, device="cpu"):
                 return
             with torch.no_grad():  # the products of svm._SVMWeightsLogitsFn, forward and backward
                 Xd, Xqd = Xg.detach(), Xqg.detach()
-                Wt = alpha0.mT @ Xd
-                _ = Xd @ Xd.mT, Xqd @ Wt.mT
-                gWt = w0.mT @ Xqd
-                Xqg.grad, _ = w0 @ Wt, Xd @ gWt.mT
+                Wt = task_matmul_tn(alpha0, Xd)
+                _ = task_matmul_nt(Xd, Xd), task_matmul_nt(Xqd, Wt)
+                gWt = task_matmul_tn(w0, Xqd)
+                Xqg.grad, _ = w0 @ Wt, task_matmul_nt(Xd, gWt)
                 Xg.grad = (alpha0 @ gWt).baddbmm_(gK0, Xd, alpha=2.0)
         runs["_gram"] = gram_only
         timings = time_interleaved(runs, repeats, device=device)
