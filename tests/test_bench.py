@@ -151,3 +151,20 @@ def test_meta_rows_report_flops_against_the_fastest_baseline():
     assert base["gflop"] > 0 and ours["gflop"] > 0
     assert base["flop_speedup"] == pytest.approx(1.0)  # the only baseline is the fastest one
     assert ours["flop_speedup"] == pytest.approx(base["gflop"] / ours["gflop"])
+
+
+def test_grouped_convolution_backward_is_counted_per_group():
+    # T per-task convolutions run as one grouped convolution (what vmap does) are the same work
+    # as one convolution over a T times larger batch; torch's own formula counts the grouped
+    # weight gradient T times
+    import torch.nn.functional as F
+    from fastmaml.bench._common import counted_gflop
+
+    T = 4
+    xg = torch.randn(3, T * 8, 6, 6, requires_grad=True)
+    wg = torch.randn(T * 8, 8, 3, 3, requires_grad=True)
+    xd = torch.randn(3 * T, 8, 6, 6, requires_grad=True)
+    wd = torch.randn(8, 8, 3, 3, requires_grad=True)
+    _, grouped = counted_gflop(lambda: F.conv2d(xg, wg, padding=1, groups=T).sum().backward())
+    _, dense = counted_gflop(lambda: F.conv2d(xd, wd, padding=1).sum().backward())
+    assert grouped == pytest.approx(dense) and dense > 0

@@ -51,13 +51,35 @@ def exact_float32(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = False
 
 
+def _conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
+                        output_padding, groups, output_mask, out_shape, **kwargs) -> int:
+    """torch's count for ``convolution_backward``, with the weight gradient of a grouped
+    convolution divided by ``groups``: torch 2.13 counts it as if the convolution were dense,
+    ``groups`` times too much (vmap runs per-task conv weights as one grouped convolution, so the
+    vmap rows of the conv workloads came out ~3x too high)."""
+    from torch.utils.flop_counter import conv_flop_count
+
+    def t(shape):
+        return [shape[1], shape[0]] + list(shape[2:])
+
+    total = 0
+    if output_mask[0]:  # grad_input: a transposed convolution of grad_out with the weight
+        total += conv_flop_count(grad_out_shape, w_shape, out_shape[0], not transposed)
+    if output_mask[1]:  # grad_weight: a convolution of the input with grad_out, per group
+        pair = (t(grad_out_shape), t(x_shape)) if transposed else (t(x_shape), t(grad_out_shape))
+        total += conv_flop_count(*pair, t(out_shape[1]), transposed=False) // groups
+    return total
+
+
 def counted_gflop(fn: Callable[[], object]) -> tuple[object, float]:
     """(fn(), GFLOP of that call) as torch's FlopCounterMode counts them: matrix products and
-    convolutions, forward and backward (elementwise work is not counted). NaN when the counter
+    convolutions, forward and backward (elementwise work is not counted), with grouped
+    convolutions' weight gradients counted right (``_conv_backward_flop``). NaN when the counter
     cannot follow the call (then fn() runs again uncounted)."""
     from torch.utils.flop_counter import FlopCounterMode
     try:
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False,
+                             custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop}) as counter:
             out = fn()
         return out, counter.get_total_flops() / 1e9
     except Exception:  # the count is a diagnostic: never let it hide the measured call
