@@ -37,6 +37,7 @@ namespace py = pybind11;
 
 namespace fastmaml {
 void register_python_checks(py::module_& m);  // python_checks.cpp
+void register_buffer_cache(py::module_& m);    // cpu/buffer_cache.cpp
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -55,4 +56,5 @@ PYBIND11_MODULE(_C, m) {
     return info;
   });
   fastmaml::register_python_checks(m);
+  fastmaml::register_buffer_cache(m);
 }

@@ -20,6 +20,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from ..ops.buffers import bmm_into_gradient_buffer
 from ..ops.task_matmul import task_matmul_nt, task_matmul_tn
 from ._common import DeferredChecks, check_batched, check_like, per_task_scalar
 
@@ -182,7 +183,7 @@ class _GramPair(torch.autograd.Function):
             elif gG is not None:
                 gX = gG @ X
         if ctx.needs_input_grad[1] and gQ is not None:
-            gXq = gQ @ X  # [T, q, d]
+            gXq = bmm_into_gradient_buffer(gQ, X)  # [T, q, d]
         return gX, gXq
 
 
@@ -232,7 +233,7 @@ class _RidgeLogitsFn(torch.autograd.Function):
             grads = iter(torch.autograd.grad(P, wrt, gP, create_graph=True))
             return tuple(next(grads) if nd else None for nd in ctx.needs_input_grad[:4]) + (None, None)
         gWt = task_matmul_tn(gP, Xq)  # [T, c, d]
-        gXq = gP @ Wt if need_Xq else None  # [T, q, d]
+        gXq = bmm_into_gradient_buffer(gP, Wt) if need_Xq else None  # [T, q, d], a reused CPU block
         gX = gY = glam = None
         if need_X or need_Y or need_lam:
             gY = factor_solve(task_matmul_nt(X, gWt), ctx.L)  # K^-1 gA, [T, n, c]
@@ -241,7 +242,7 @@ class _RidgeLogitsFn(torch.autograd.Function):
                 # instead of the n^2 d of forming it (autograd spends 2 n^2 d), and with the
                 # A gW^T term it is two products into one buffer.
                 gWt.sub_(task_matmul_tn(gY, X))  # (gW - X^T gY)^T, in place: [T, c, d]
-                gX = (A @ gWt).baddbmm_(gY, Wt, alpha=-1)  # [T, n, d]
+                gX = bmm_into_gradient_buffer(A, gWt).baddbmm_(gY, Wt, alpha=-1)  # [T, n, d]
             if need_lam:
                 glam = -(gY * A).sum((-2, -1))  # tr(gK)
         return gX, (gY if need_Y else None), gXq, glam, None, None

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ..backend import resolve_backend
+from ..ops.buffers import bmm_into_gradient_buffer
 from ..ops.task_matmul import task_matmul_nt, task_matmul_tn
 from ._common import DeferredChecks, check_batched, check_labels, check_like, check_n_way, first_order_only
 from .qp import (QPResult, QPStatus, default_tol, failed_mask, interior_point, mask_failed, may_have_failed,
@@ -256,14 +257,14 @@ class _SVMWeightsLogitsFn(torch.autograd.Function):
         X, Xq, alpha, Wt, Kc, z, status = ctx.saved_tensors
         need_X, need_Xq = ctx.needs_input_grad[:2]
         gWt = task_matmul_tn(gP, Xq)  # [T, c, d]
-        gXq = gP @ Wt if need_Xq else None  # [T, q, d]
+        gXq = bmm_into_gradient_buffer(gP, Wt) if need_Xq else None  # [T, q, d], a reused CPU block
         gX = None
         if need_X:
             g_alpha = task_matmul_nt(X, gWt)  # [T, n, c]
             if g_alpha_out is not None:
                 g_alpha = g_alpha + g_alpha_out
             gK = _kernel_grad(Kc, z, status, g_alpha.to(Kc.dtype), ctx.state, ctx.cfg).to(X.dtype)
-            gX = (alpha @ gWt).baddbmm_(gK, X, alpha=2.0)  # [T, n, d]
+            gX = bmm_into_gradient_buffer(alpha, gWt).baddbmm_(gK, X, alpha=2.0)  # [T, n, d]
         return gX, gXq, None, None
 
 
