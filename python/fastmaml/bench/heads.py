@@ -24,6 +24,7 @@ Usage: ``python -m fastmaml.bench heads [--quick]`` or ``python bench/bench_head
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -37,6 +38,7 @@ import torch
 from ..heads.qp import qp_solve
 from ..heads.ridge import gram_pair, ridge_predict
 from ..heads.svm import svm_crammer_singer_solve, svm_logits
+from ..ops.buffers import bmm_into_gradient_buffer, no_buffer_cache
 from ..ops.task_matmul import task_matmul_nt, task_matmul_tn
 from ..reference.heads import crammer_singer_qp_reference
 from ._common import add_level_options, append_csv, environment, exact_float32, have_module, print_table, progress, sync, time_call
@@ -113,7 +115,7 @@ def episode(T, n_way, shot, queries, d, seed=0, dtype=torch.float32, device="cpu
 # Ridge
 # ----------------------------------------------------------------------------------------------
 def _ridge_provider(name, X, Y, Xq, lam):
-    if name == "fastmaml":
+    if name in ("fastmaml", "fastmaml_no_cache"):
         return lambda: ridge_predict(X, Y, Xq, lam)
     if name == "linalg_solve":
         def f():
@@ -128,7 +130,9 @@ def _ridge_provider(name, X, Y, Xq, lam):
     raise ValueError(name)
 
 
-RIDGE_PROVIDERS = ("fastmaml", "linalg_solve", "cholesky_solve")
+# fastmaml_no_cache: fastmaml with its CPU gradient-buffer cache off (fresh allocations, as the
+# baselines get from PyTorch's allocator), to show what the cache contributes
+RIDGE_PROVIDERS = ("fastmaml", "fastmaml_no_cache", "linalg_solve", "cholesky_solve")
 
 
 def _ridge_fwd_bwd(name, X, Y, Xq, lam):
@@ -138,10 +142,11 @@ def _ridge_fwd_bwd(name, X, Y, Xq, lam):
     def run():
         nonlocal G
         X.grad = Xq.grad = None
-        out = fwd()
-        if G is None:
-            G = torch.randn_like(out)
-        out.backward(G)
+        with no_buffer_cache() if name.endswith("no_cache") else contextlib.nullcontext():
+            out = fwd()
+            if G is None:
+                G = torch.randn_like(out)
+            out.backward(G)
     return run
 
 
@@ -231,7 +236,7 @@ def bench_ridge(env, configs, repeats, memory=True, device="cpu"):
                               note=note, **t))
         for r in group:
             r["check"] = "ok" if r["rel_err"] <= ACCURACY_BOUND else "FAILED"
-        best = min((r for r in group if r["provider"] != "fastmaml" and r["check"] == "ok"),
+        best = min((r for r in group if not r["provider"].startswith("fastmaml") and r["check"] == "ok"),
                    key=lambda r: r["median_ms"], default=None)
         for r in group:
             if best is not None and r["check"] == "ok":
@@ -411,6 +416,7 @@ def bench_svm_e2e(env, configs, repeats, qpth_iters, C=0.1, device="cpu"):
         X, labels, Xq = episode(T, n_way, shot, queries, d, seed=2, device=device)
         n = labels.shape[1]
         providers = {"fastmaml": lambda X, Xq: svm_logits(X, labels, Xq, n_way, C=C)[0]}
+        providers["fastmaml_no_cache"] = providers["fastmaml"]  # run with the buffer cache off
         qp = svm_qp_providers(n, n_way, C, qpth_iters, device)
         for name, fn in qp.items():
             if name.startswith("qpth") or name == "cvxpylayers":
@@ -429,9 +435,10 @@ def bench_svm_e2e(env, configs, repeats, qpth_iters, C=0.1, device="cpu"):
                 continue
             w = torch.randn_like(out)
 
-            def run(fn=fn, w=w):
+            def run(fn=fn, w=w, cache_off=name.endswith("no_cache")):
                 Xg.grad = Xqg.grad = None
-                (fn(Xg, Xqg) * w).sum().backward()
+                with no_buffer_cache() if cache_off else contextlib.nullcontext():
+                    (fn(Xg, Xqg) * w).sum().backward()
             runs[name] = run
 
         alpha0 = svm_crammer_singer_solve(X @ X.mT, labels, n_way, C=C).z.detach()
@@ -451,8 +458,8 @@ def bench_svm_e2e(env, configs, repeats, qpth_iters, C=0.1, device="cpu"):
                 Wt = task_matmul_tn(alpha0, Xd)
                 _ = task_matmul_nt(Xd, Xd), task_matmul_nt(Xqd, Wt)
                 gWt = task_matmul_tn(w0, Xqd)
-                Xqg.grad, _ = w0 @ Wt, task_matmul_nt(Xd, gWt)
-                Xg.grad = (alpha0 @ gWt).baddbmm_(gK0, Xd, alpha=2.0)
+                Xqg.grad, _ = bmm_into_gradient_buffer(w0, Wt), task_matmul_nt(Xd, gWt)
+                Xg.grad = bmm_into_gradient_buffer(alpha0, gWt).baddbmm_(gK0, Xd, alpha=2.0)
         runs["_gram"] = gram_only
         timings = time_interleaved(runs, repeats, device=device)
         tg = timings.pop("_gram")
@@ -463,6 +470,8 @@ def bench_svm_e2e(env, configs, repeats, qpth_iters, C=0.1, device="cpu"):
                 note = f"feature products fwd+bwd {tg['median_ms']:.1f} ms = {100 * tg['median_ms'] / t['median_ms']:.0f}% of total"
                 if qpth_ms:  # what even a QP of zero cost could reach against the fastest qpth row
                     note += f"; with a free QP at most {min(qpth_ms) / tg['median_ms']:.1f}x qpth"
+            elif name == "fastmaml_no_cache" and qpth_ms:
+                note = f"fresh gradient buffers: {min(qpth_ms) / t['median_ms']:.2f}x the fastest qpth row"
             group.append(_row(env, family="svm_e2e", mode="fwd+bwd", tasks=T, n_way=n_way, shot=shot, queries=queries,
                               features=d, dtype="float32", provider=name, note=note, **t))
         # Accuracy: logits against those of the oracle's dual solution, relative to the largest.

@@ -54,3 +54,18 @@ def bmm_into_gradient_buffer(a: Tensor, b: Tensor) -> Tensor:
     if (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)) or a.dtype != b.dtype or a.dim() != 3:
         return a @ b
     return torch.bmm(a, b, out=gradient_buffer(a, (a.shape[0], a.shape[1], b.shape[2])))
+
+
+class no_buffer_cache:
+    """Context manager: inside it gradient buffers are fresh allocations (for comparisons)."""
+
+    def __enter__(self):
+        self._limit = buffer_cache_stats()["limit_bytes"]
+        if _C is not None:
+            _C.buffer_cache_set_limit(0)
+        return self
+
+    def __exit__(self, *exc):
+        if _C is not None:
+            _C.buffer_cache_set_limit(self._limit)
+        return False
