@@ -10,7 +10,7 @@ import torch
 import fastmaml
 from fastmaml.heads import ridge_predict, svm_logits
 from fastmaml.ops.buffers import (bmm_into_gradient_buffer, buffer_cache_stats, clear_buffer_cache, gradient_buffer,
-                                  set_buffer_cache_limit)
+                                  no_buffer_cache, set_buffer_cache_limit)
 
 native = pytest.mark.skipif(not fastmaml.HAS_NATIVE, reason="compiled module not built")
 BIG = (4, 75, 512)  # 600 KB in float32: above the cache's 64 KB granule
@@ -64,6 +64,20 @@ def test_limit_and_clear(fresh_cache):
     assert clear_buffer_cache() > 0 and buffer_cache_stats()["cached_bytes"] == 0
     with pytest.raises(ValueError, match="megabytes must be a number >= 0"):
         set_buffer_cache_limit(-1)
+
+
+@native
+def test_no_buffer_cache_bypasses_without_dropping_the_blocks(fresh_cache):
+    like = torch.randn(1)
+    kept = gradient_buffer(like, BIG)
+    ptr = kept.data_ptr()
+    del kept
+    with no_buffer_cache():
+        fresh = gradient_buffer(like, BIG)
+        assert fresh.data_ptr() != ptr
+        del fresh
+    assert buffer_cache_stats()["cached_blocks"] == 1  # the fresh buffer went back to the OS
+    assert gradient_buffer(like, BIG).data_ptr() == ptr
 
 
 def test_bmm_into_buffer_matches_bmm_and_keeps_graphs():

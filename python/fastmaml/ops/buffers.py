@@ -18,9 +18,12 @@ from torch import Tensor
 from .._extension import _C
 
 
+_bypass = False  # set inside ``no_buffer_cache``: fresh allocations, the cached blocks kept
+
+
 def gradient_buffer(like: Tensor, shape: Sequence[int]) -> Tensor:
     """Uninitialised tensor of ``shape`` with ``like``'s dtype and device (contiguous)."""
-    if _C is not None and like.device.type == "cpu":
+    if _C is not None and not _bypass and like.device.type == "cpu":
         return _C.cached_empty(like, [int(s) for s in shape])
     return like.new_empty(tuple(shape))
 
@@ -57,15 +60,16 @@ def bmm_into_gradient_buffer(a: Tensor, b: Tensor) -> Tensor:
 
 
 class no_buffer_cache:
-    """Context manager: inside it gradient buffers are fresh allocations (for comparisons)."""
+    """Context manager: inside it gradient buffers are fresh allocations, as PyTorch's allocator
+    gives (for comparisons); the cached blocks stay for after it."""
 
     def __enter__(self):
-        self._limit = buffer_cache_stats()["limit_bytes"]
-        if _C is not None:
-            _C.buffer_cache_set_limit(0)
+        global _bypass
+        self._outer = _bypass
+        _bypass = True
         return self
 
     def __exit__(self, *exc):
-        if _C is not None:
-            _C.buffer_cache_set_limit(self._limit)
+        global _bypass
+        _bypass = self._outer
         return False
