@@ -121,3 +121,13 @@ def test_head_gradients_are_the_same_with_reused_buffers(fresh_cache, head):
     assert buffer_cache_stats()["hits"] > hits
     for f, b in zip(fresh, second):
         torch.testing.assert_close(b, f, rtol=0, atol=0)
+
+
+def test_fake_tensors_get_fake_buffers():
+    # while torch.compile traces, the backward's buffers must be traceable, not cached real memory
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with FakeTensorMode():
+        a, b = torch.randn(4, 75, 5), torch.randn(4, 5, 512)
+        out = bmm_into_gradient_buffer(a, b)
+    assert isinstance(out, FakeTensor) and out.shape == (4, 75, 512)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import Tensor
 
 from .._extension import _C
@@ -22,8 +23,12 @@ _bypass = False  # set inside ``no_buffer_cache``: fresh allocations, the cached
 
 
 def gradient_buffer(like: Tensor, shape: Sequence[int]) -> Tensor:
-    """Uninitialised tensor of ``shape`` with ``like``'s dtype and device (contiguous)."""
-    if _C is not None and not _bypass and like.device.type == "cpu":
+    """Uninitialised tensor of ``shape`` with ``like``'s dtype and device (contiguous).
+
+    Plain CPU tensors only: tensor subclasses (fake tensors while torch.compile traces, functional
+    tensors) and compiled regions get ``new_empty``, which they know how to trace."""
+    if (_C is not None and not _bypass and type(like) is torch.Tensor and like.device.type == "cpu"
+            and not torch.compiler.is_compiling()):
         return _C.cached_empty(like, [int(s) for s in shape])
     return like.new_empty(tuple(shape))
 
@@ -52,8 +57,6 @@ def set_buffer_cache_limit(megabytes: float) -> None:
 def bmm_into_gradient_buffer(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` (``[T, m, k] @ [T, k, n]``) written into a ``gradient_buffer``; a plain product
     when a graph is needed (``out=`` products are not differentiable) or the dtypes differ."""
-    import torch
-
     if (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)) or a.dtype != b.dtype or a.dim() != 3:
         return a @ b
     return torch.bmm(a, b, out=gradient_buffer(a, (a.shape[0], a.shape[1], b.shape[2])))
