@@ -113,3 +113,20 @@ def test_bad_inputs_raise():
         ProtoNetHead()(X, labels, Xq, 4)
     with pytest.raises(ValueError, match="lam_init must be finite and > 0"):
         R2D2Head(lam_init=-1.0)
+
+
+def test_values_verified_skips_only_the_named_tensors_and_only_inside():
+    # a head module checks the features' values once; the functional op it calls does not re-read them
+    from fastmaml.heads._common import check_batched, values_verified
+
+    bad = torch.randn(2, 3, 4)
+    bad[1, 2, 3] = float("inf")
+    other = bad.clone()
+    with values_verified(bad):
+        check_batched(bad, "x", 3, "[T, n, d]")  # skipped: verified by the caller
+        with pytest.raises(ValueError, match="y must be finite"):
+            check_batched(other, "y", 3, "[T, n, d]")  # an equal but different tensor is checked
+        with pytest.raises(ValueError, match=r"x must have shape \[T, n, d\] \(rank 3\)"):
+            check_batched(bad[0], "x", 3, "[T, n, d]")  # shapes are always checked
+    with pytest.raises(ValueError, match="x must be finite"):
+        check_batched(bad, "x", 3, "[T, n, d]")

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import DeferredChecks, check_batched, check_labels, check_like, check_n_way
+from ._common import DeferredChecks, check_batched, check_labels, check_like, check_n_way, values_verified
 from .qp import QPResult
 from .ridge import ridge_predict
 from .svm import svm_logits
@@ -38,7 +38,8 @@ class FewShotHead(nn.Module):
         n_way = check_n_way(n_way)
         check_labels(support_labels, "support_labels", T, n, n_way, X.device, checks)
         checks.verify()
-        return self._logits(X, support_labels, Xq, n_way)
+        with values_verified(X, Xq):  # the functional ops below need not read the features again
+            return self._logits(X, support_labels, Xq, n_way)
 
     def _logits(self, X, labels, Xq, n_way):  # pragma: no cover - abstract
         raise NotImplementedError
