@@ -168,3 +168,14 @@ def test_grouped_convolution_backward_is_counted_per_group():
     _, grouped = counted_gflop(lambda: F.conv2d(xg, wg, padding=1, groups=T).sum().backward())
     _, dense = counted_gflop(lambda: F.conv2d(xd, wd, padding=1).sum().backward())
     assert grouped == pytest.approx(dense) and dense > 0
+
+
+def test_no_cache_rows_are_a_fastmaml_variant_never_a_baseline():
+    rows = bench_heads.bench_ridge({}, [(2, 3, 2, 5, 64)], repeats=1, memory=False)
+    by = {r["provider"]: r for r in rows}
+    assert {"fastmaml", "fastmaml_no_cache"} <= set(by)
+    assert by["fastmaml"]["speedup_vs"] in ("linalg_solve", "cholesky_solve")
+    assert by["fastmaml_no_cache"]["speedup_vs"] == by["fastmaml"]["speedup_vs"]
+    lines = [ln for ln in summarize({"heads": rows}) if ln["family"] == "heads"]
+    assert [ln["case"].endswith("(no buffer cache)") for ln in lines] == [False, True]
+    assert all(ln["baseline"] in ("linalg_solve", "cholesky_solve") for ln in lines)
