@@ -5,6 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+import fastmaml
+
 pytest.importorskip("cvxpy")  # optional here (e.g. a GPU machine without it): skipped, not failed
 
 from fastmaml.heads.ridge import ridge_predict, ridge_solve, spd_solve
@@ -164,3 +167,30 @@ def test_factor_solve_forms_agree():
     for triangular in (True, False):
         torch.testing.assert_close(factor_solve(B, L, triangular), expected, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(factor_inverse(L, triangular), torch.linalg.inv(L @ L.mT), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_predict_reports_non_finite_features_and_queries(dtype, bad_value):
+    # On the CPU the dual form checks the features through X X^T's diagonal and the queries through
+    # the logits (no pass of their own): every non-finite entry must still be found and named,
+    # also where its weight is exactly zero (a feature that is 0 in every support example).
+    X, Y, Xq, lam = _problem(2, 3, 8, 2, dtype=dtype)
+    X[:, :, 5] = 0.0  # feature 5 gets weight exactly 0
+    for name, where in (("features", (1, 2, 3)), ("query_features", (1, 0, 5)), ("query_features", (0, 3, 1))):
+        Xb, Xqb = X.clone(), Xq.clone()
+        (Xb if name == "features" else Xqb)[where] = bad_value
+        with pytest.raises(ValueError, match=f"{name} must be finite"):
+            ridge_predict(Xb, Y, Xqb, lam)
+        leaf = Xqb.clone().requires_grad_()
+        with pytest.raises(ValueError, match=f"{name} must be finite"):
+            ridge_predict(Xb, Y, leaf, lam)  # with a graph to build, the same checks
+
+
+@pytest.mark.skipif(not fastmaml.HAS_NATIVE, reason="the product checks ride on the compiled thin kernels")
+def test_predict_reports_overflow_of_finite_features():
+    X, Y, Xq, lam = _problem(2, 3, 8, 2, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"features: X X\^T overflows torch.float32"):
+        ridge_predict(X * 1e20, Y, Xq, lam)
+    with pytest.raises(ValueError, match=r"query_features: the logits Xq W overflows torch.float32"):
+        ridge_predict(X, Y * 1e30, Xq * 1e10, lam)  # every input finite, the logits ~1e40

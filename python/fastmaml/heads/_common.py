@@ -44,10 +44,12 @@ class DeferredChecks:
         raise AssertionError("a deferred check failed but its diagnosis did not raise")  # pragma: no cover
 
 
-def check_batched(t, name: str, ndim: int, shape_doc: str, checks: Optional[DeferredChecks] = None) -> Tensor:
+def check_batched(t, name: str, ndim: int, shape_doc: str, checks: Optional[DeferredChecks] = None,
+                  values: bool = True) -> Tensor:
     """``t`` is a floating tensor of rank ``ndim`` with at least one task; names ``shape_doc`` on error.
 
-    The finite-values check runs now, or joins ``checks`` when given."""
+    The finite-values check runs now, or joins ``checks`` when given; ``values=False`` leaves it to
+    the caller (who checks a product of ``t`` that cannot be finite unless ``t`` is)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(t).__name__}")
     if not t.is_floating_point():
@@ -56,13 +58,26 @@ def check_batched(t, name: str, ndim: int, shape_doc: str, checks: Optional[Defe
         raise ValueError(f"{name} must have shape {shape_doc} (rank {ndim}), got shape {tuple(t.shape)}")
     if t.shape[0] < 1:
         raise ValueError(f"{name} has T = 0 tasks; expected shape {shape_doc} with T >= 1")
-    if _already_verified(t):
+    if not values or _already_verified(t):
         return t
     if checks is None:
         check_finite_fast(t, name)
     else:
         checks.add(torch.isfinite(t.detach().sum()), lambda: V.check_finite(t, name))
     return t
+
+
+def check_finite_through(product: Tensor, t: Tensor, name: str, what: str, checks: DeferredChecks) -> None:
+    """``t``'s finite-values check, done on ``product``, a small result of a pass that read every
+    entry of ``t`` and cannot be finite where ``t`` is not (a Gram diagonal: sums of squares; a
+    product by the compiled thin kernels, which multiply every entry). Saves a pass over a large
+    ``t``. If ``t`` is finite and the product is not, ``what`` overflowed, and that is the error."""
+    def diagnose():
+        V.check_finite(t, name)
+        raise ValueError(f"{name}: {what} overflows {t.dtype} (entries too large); rescale the features")
+
+    if not _already_verified(t):
+        checks.add(torch.isfinite(product.detach()).all(), diagnose)
 
 
 # Tensors whose values a caller has just verified (a head module before calling the functional

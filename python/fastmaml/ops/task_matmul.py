@@ -42,6 +42,15 @@ def _native(a: Tensor, other: Tensor, shapes_match: bool, thin: int, backend: st
     return fits and os.environ.get(ENV_VAR) != "reference" and has_native_device("cpu", op)
 
 
+def runs_compiled(a: Tensor, thin: int) -> bool:
+    """Whether ``task_matmul_nt(a, b)`` / ``task_matmul_tn(g, a)`` with ``thin`` columns run the
+    compiled kernel under ``backend="auto"`` where no graph is needed (inside an autograd
+    Function's forward or backward)."""
+    return (type(a) is torch.Tensor and a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64)
+            and 1 <= thin <= MAX_THIN and os.environ.get(ENV_VAR) != "reference"
+            and has_native_device("cpu", "task_matmul_nt"))
+
+
 def task_matmul_nt(a: Tensor, b: Tensor, *, backend: str = "auto") -> Tensor:
     """``a @ b.mT`` per task: ``a`` ``[T, m, d]``, ``b`` ``[T, c, d]`` -> ``[T, m, c]``.
 
