@@ -217,3 +217,24 @@ def test_bad_inputs_raise():
         svm_logits(X, labels, Xq[..., :7], 3)
     with pytest.raises(ValueError, match="n_way must be >= 1"):
         svm_crammer_singer_solve(K, labels, 0)
+
+
+@pytest.mark.parametrize("shot", [1, 3])  # the query-Gram route and the primal-weights route
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_svm_logits_reports_non_finite_features(shot, bad_value):
+    # On the CPU the features are checked through X X^T's diagonal and Xq X^T / the logits, not by a
+    # pass of their own: a bad entry must be found and named, also under a feature of weight 0.
+    g = torch.Generator().manual_seed(3)
+    T, n_way, q, d = 2, 3, 20, 10
+    labels = torch.arange(n_way).repeat_interleave(shot).repeat(T, 1)
+    assert (q * n_way * shot <= n_way * (n_way * shot + q)) == (shot == 1)  # which route is tested
+    X = torch.randn(T, n_way * shot, d, generator=g, dtype=torch.float64)
+    Xq = torch.randn(T, q, d, generator=g, dtype=torch.float64)
+    X[:, :, 7] = 0.0  # feature 7 has weight exactly 0
+    for name, where in (("support_features", (1, 0, 2)), ("query_features", (1, 13, 7)), ("query_features", (0, 0, 0))):
+        Xb, Xqb = X.clone(), Xq.clone()
+        (Xb if name == "support_features" else Xqb)[where] = bad_value
+        with pytest.raises(ValueError, match=f"{name} must be finite"):
+            svm_logits(Xb, labels, Xqb, n_way)
+        with pytest.raises(ValueError, match=f"{name} must be finite"):
+            svm_logits(Xb.requires_grad_(), labels, Xqb.requires_grad_(), n_way)
