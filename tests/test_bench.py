@@ -179,3 +179,13 @@ def test_no_cache_rows_are_a_fastmaml_variant_never_a_baseline():
     lines = [ln for ln in summarize({"heads": rows}) if ln["family"] == "heads"]
     assert [ln["case"].endswith("(no buffer cache)") for ln in lines] == [False, True]
     assert all(ln["baseline"] in ("linalg_solve", "cholesky_solve") for ln in lines)
+
+
+def test_thin_product_rows_compare_the_kernel_with_bmm():
+    rows = bench_heads.bench_products({}, [(2, 7, 40, 3)], repeats=1)
+    assert [(r["mode"], r["provider"]) for r in rows] == [("nt", "fastmaml"), ("nt", "bmm"), ("tn", "fastmaml"),
+                                                          ("tn", "bmm")]
+    assert all(r["check"] == "ok" and r["rel_err"] < 1e-5 for r in rows)
+    lines = summarize({"heads": rows})
+    assert [ln["case"] for ln in lines] == ["task_matmul_nt T=2 m=7 d=40 c=3", "task_matmul_tn T=2 m=7 d=40 c=3"]
+    assert all(ln["baseline"] == "bmm" and ln["speedup"] > 0 for ln in lines)

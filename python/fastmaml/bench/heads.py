@@ -1,6 +1,9 @@
 """Benchmark of the few-shot heads: ridge (R2-D2) and the MetaOptNet SVM, against baselines.
 
-Three families, each provider measured in the same run, float32 features as in MetaOptNet:
+Four families, each provider measured in the same run, float32 features as in MetaOptNet:
+
+* ``products``: the heads' thin feature products alone, ``task_matmul_nt`` (logits ``Xq W``) and
+  ``task_matmul_tn`` (weight gradient ``gP^T Xq``), 75 rows, 5 classes, against ``torch.bmm``.
 
 * ``ridge``: R2-D2 logits + backward to the features at T in {8, 256}, d in {1600, 16000}.
   Providers: ``fastmaml`` (``ridge_predict``, dual form from Gram matrices only),
@@ -244,6 +247,40 @@ def bench_ridge(env, configs, repeats, memory=True, device="cpu"):
                 r["speedup"] = best["median_ms"] / r["median_ms"]
         rows += group
         del X, Xq, Y
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The heads' thin feature products alone
+# ----------------------------------------------------------------------------------------------
+def bench_products(env, configs, repeats, device="cpu"):
+    """``task_matmul_nt`` / ``task_matmul_tn`` (the compiled kernels where they apply) against
+    ``torch.bmm`` on the same operands, for the shapes of the heads' logits and weight gradients."""
+    rows = []
+    for T, m, d, c in progress(configs, "thin products"):
+        g = torch.Generator().manual_seed(5)
+        a = torch.randn(T, m, d, generator=g).to(device)
+        b = torch.randn(T, c, d, generator=g).to(device)
+        gm = torch.randn(T, m, c, generator=g).to(device)
+        cases = {"nt": (lambda: task_matmul_nt(a, b), lambda: a @ b.mT,
+                        lambda: a.double() @ b.double().mT),
+                 "tn": (lambda: task_matmul_tn(gm, a), lambda: gm.mT @ a,
+                        lambda: gm.double().mT @ a.double())}
+        for mode, (ours, bmm, exact) in cases.items():
+            timings = time_interleaved({"fastmaml": ours, "bmm": bmm}, repeats, device=device)
+            ref = exact()
+            group = []
+            for name, fn in (("fastmaml", ours), ("bmm", bmm)):
+                err = float((fn().double() - ref).abs().max() / ref.abs().max())
+                group.append(_row(env, family="products", mode=mode, tasks=T, n_way=c, queries=m, features=d,
+                                  dtype="float32", provider=name, rel_err=err,
+                                  check="ok" if err <= ACCURACY_BOUND else "FAILED", **timings[name]))
+            fast, base = group
+            if fast["check"] == "ok":
+                base["speedup_vs"] = fast["speedup_vs"] = "bmm"
+                fast["speedup"] = base["median_ms"] / fast["median_ms"]
+                base["speedup"] = 1.0
+            rows += group
     return rows
 
 
@@ -497,7 +534,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="fastmaml.bench heads", description=__doc__.split("\n\n")[0])
     add_level_options(ap)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--families", default="ridge,svm_qp,svm_e2e", help="comma-separated subset")
+    ap.add_argument("--families", default="products,ridge,svm_qp,svm_e2e", help="comma-separated subset")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--no-memory", action="store_true", help="skip the subprocess memory measurement")
     ap.add_argument("--no-csv", action="store_true")
@@ -506,9 +543,9 @@ def main(argv=None):
                          "other and small ops slow down 40x; every provider runs with the same setting)")
     args = ap.parse_args(argv)
     families = set(args.families.split(","))
-    unknown = families - {"ridge", "svm_qp", "svm_e2e"}
+    unknown = families - {"products", "ridge", "svm_qp", "svm_e2e"}
     if unknown:
-        ap.error(f"--families: unknown {sorted(unknown)}; choose from ridge, svm_qp, svm_e2e")
+        ap.error(f"--families: unknown {sorted(unknown)}; choose from products, ridge, svm_qp, svm_e2e")
     if args.threads < 1:
         ap.error(f"--threads must be >= 1, got {args.threads}")
     if args.repeats is not None and args.repeats < 1:
@@ -525,20 +562,25 @@ def main(argv=None):
         ridge_cfg = [(8, 5, 5, 75, 1600), (256, 5, 5, 75, 1600)]
         qp_cfg = [(8, 5, 1, 1600), (8, 5, 5, 1600)]
         e2e_cfg = [(8, 5, 1, 75, 1600)]
+        products_cfg = [(256, 75, 1600, 5)]
         qpth_iters = (3,)
     elif args.level == "standard":
         repeats = args.repeats or 3
         ridge_cfg = [(8, 5, 5, 75, 1600), (256, 5, 5, 75, 1600), (256, 5, 5, 75, 16000)]
         qp_cfg = [(8, 5, 1, 1600), (8, 5, 5, 1600)]
         e2e_cfg = [(8, 5, 1, 75, 1600), (8, 5, 5, 75, 1600), (8, 5, 5, 75, 16000)]
+        products_cfg = [(256, 75, 1600, 5), (8, 75, 16000, 5)]
         qpth_iters = (3,)
     else:
         repeats = args.repeats or 5
         ridge_cfg = [(T, 5, shot, 75, d) for T in (8, 256) for d in (1600, 16000) for shot in (1, 5)]
         qp_cfg = [(8, 5, 1, 16000), (8, 5, 5, 16000), (8, 5, 15, 16000), (256, 5, 5, 1600)]
         e2e_cfg = [(8, 5, shot, 75, d) for d in (1600, 16000) for shot in (1, 5)]
+        products_cfg = [(T, 75, d, 5) for T in (8, 256) for d in (1600, 16000)]
         qpth_iters = (3, 15)
     rows = []
+    if "products" in families:
+        rows += bench_products(env, products_cfg, repeats, device=device)
     if "ridge" in families:
         rows += bench_ridge(env, ridge_cfg, repeats, memory=not args.no_memory, device=device)
     # The SVM rows are short and noisy (page faults of fresh gradient buffers at d = 16000): more

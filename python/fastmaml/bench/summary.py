@@ -90,13 +90,22 @@ def meta_lines(rows: list[dict]) -> list[dict]:
 
 
 def heads_lines(rows: list[dict]) -> list[dict]:
-    """Ridge vs the best torch.linalg route; SVM (QP alone and end to end) vs qpth and cvxpylayers."""
+    """Thin products vs bmm; ridge vs the best torch.linalg route; SVM (QP alone and end to end)
+    vs qpth and cvxpylayers."""
     lines = []
     configs = []
     for r in rows:
         key = (r.get("family"), r.get("mode"), r.get("tasks"), r.get("shot"), r.get("features"))
         if r.get("family") in ("ridge", "svm_qp", "svm_e2e") and key not in configs:
             configs.append(key)
+    for r in rows:  # the thin products: compiled kernel against bmm
+        if r.get("family") == "products" and r.get("provider") == "fastmaml":
+            base = next((b for b in rows if b.get("family") == "products" and b.get("provider") == "bmm"
+                         and all(b.get(k) == r.get(k) for k in ("mode", "tasks", "queries", "features", "n_way"))),
+                        None)
+            speed = _num(base["median_ms"]) / _num(r["median_ms"]) if base else math.nan
+            case = f"task_matmul_{r['mode']} T={r['tasks']} m={r['queries']} d={r['features']} c={r['n_way']}"
+            lines.append(_line("heads", case, r, base, speedup=speed, memory=f"rel err {_num(r.get('rel_err')):.0e}"))
     for family, mode, tasks, shot, d in configs:
         if mode not in ("fwd+bwd",):
             continue

@@ -58,13 +58,20 @@ def check_batched(t, name: str, ndim: int, shape_doc: str, checks: Optional[Defe
         raise ValueError(f"{name} must have shape {shape_doc} (rank {ndim}), got shape {tuple(t.shape)}")
     if t.shape[0] < 1:
         raise ValueError(f"{name} has T = 0 tasks; expected shape {shape_doc} with T >= 1")
-    if not values or _already_verified(t):
-        return t
+    if values:
+        check_values(t, name, checks)
+    return t
+
+
+def check_values(t: Tensor, name: str, checks: Optional[DeferredChecks] = None) -> None:
+    """``t`` is finite: checked now, or joins ``checks`` when given; skipped for a tensor whose
+    caller has just verified it (``values_verified``)."""
+    if _already_verified(t):
+        return
     if checks is None:
         check_finite_fast(t, name)
     else:
         checks.add(torch.isfinite(t.detach().sum()), lambda: V.check_finite(t, name))
-    return t
 
 
 def check_finite_through(product: Tensor, t: Tensor, name: str, what: str, checks: DeferredChecks) -> None:

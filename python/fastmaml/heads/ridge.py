@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..ops.buffers import bmm_into_gradient_buffer
 from ..ops.task_matmul import runs_compiled, task_matmul_nt, task_matmul_tn
-from ._common import DeferredChecks, check_batched, check_finite_through, check_like, per_task_scalar
+from ._common import DeferredChecks, check_batched, check_finite_through, check_like, check_values, per_task_scalar
 
 Scalar = Union[float, Tensor]
 FORMS = ("auto", "dual", "primal")
@@ -355,19 +355,20 @@ def ridge_predict(
     """
     checks = DeferredChecks()  # values checked with the factorization, in one host sync
     lam_spec = lam
+    X, Y, lam = _check_ridge_inputs(features, targets, lam, query_features, checks, feature_values=False)
+    Xq = query_features
+    n, d, c = X.shape[1], X.shape[2], Y.shape[2]
+    dual = _pick_form(form, n, d) == "dual"
     # In the dual form on the CPU the features' finite checks ride on products that read every
     # entry anyway (X X^T's diagonal, the logits from the compiled thin kernel): a pass over the
     # query features less (~6% of the call at T = 256, d = 1600). Elsewhere: a pass each.
-    dual = (isinstance(features, Tensor) and features.dim() == 3
-            and _pick_form(form, features.shape[1], features.shape[2]) == "dual")
-    values_here = (dual and isinstance(targets, Tensor) and targets.dim() == 3
-                   and runs_compiled(features, targets.shape[2]))
-    X, Y, lam = _check_ridge_inputs(features, targets, lam, query_features, checks,
-                                    feature_values=not values_here)
-    n, d, c, q = X.shape[1], X.shape[2], Y.shape[2], query_features.shape[1]
-    if _pick_form(form, n, d) == "dual":
-        return _RidgeLogitsFn.apply(X, Y, query_features, lam.contiguous(), checks,
+    values_here = dual and runs_compiled(X, c)
+    if not values_here:
+        check_values(X, "features", checks)
+        check_values(Xq, "query_features", checks)
+    if dual:
+        return _RidgeLogitsFn.apply(X, Y, Xq, lam.contiguous(), checks,
                                     _singular_check(lam_spec, lam), values_here)  # [T, q, c]
     checks.verify()
     W = spd_solve(_add_diag(X.mT @ X, lam), X.mT @ Y, None, _singular_check(lam_spec, lam))  # [T, d, c]
-    return query_features @ W
+    return Xq @ W

@@ -40,7 +40,7 @@ from ..backend import resolve_backend
 from ..ops.buffers import bmm_into_gradient_buffer
 from ..ops.task_matmul import runs_compiled, task_matmul_nt, task_matmul_tn
 from ._common import (DeferredChecks, check_batched, check_finite_through, check_labels, check_like, check_n_way,
-                      first_order_only)
+                      check_values, first_order_only)
 from .qp import (QPResult, QPStatus, default_tol, failed_mask, interior_point, mask_failed, may_have_failed,
                  raise_if_failed)
 from .ridge import factor_inverse
@@ -425,8 +425,8 @@ def svm_logits(support_features: Tensor, support_labels: Tensor, query_features:
     gram_route = q * n <= n_way * (n + q)  # 1-shot: the query Gram matrix is as cheap as the weights
     values_here = runs_compiled(X, n if gram_route else n_way)
     if not values_here:
-        for t, name in ((X, "support_features"), (Xq, "query_features")):
-            check_batched(t, name, 3, "[T, n, d]", checks)
+        check_values(X, "support_features", checks)
+        check_values(Xq, "query_features", checks)
     kw = dict(C=C, diag_reg=diag_reg, max_iter=max_iter, tol=tol, compute_dtype=compute_dtype, backend=backend)
     if gram_route:
         checks.verify()  # shapes, and the features' values unless checked below

@@ -23,13 +23,21 @@ MAX_THIN = 16  # the compiled kernels' largest c
 _BACKENDS = ("auto", "cpu", "reference")
 
 
+def _kernel_takes(a: Tensor, thin: int) -> bool:
+    """What the compiled kernels take (given operands that match ``a``)."""
+    return a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64) and 1 <= thin <= MAX_THIN
+
+
+def _auto_allows(op: str) -> bool:
+    return os.environ.get(ENV_VAR) != "reference" and has_native_device("cpu", op)
+
+
 def _native(a: Tensor, other: Tensor, shapes_match: bool, thin: int, backend: str, op: str) -> bool:
     """Whether the compiled kernel runs. Anything it would refuse goes to the reference instead
     (whose errors are torch's own), so the compiled op's checks never have to throw."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    fits = (shapes_match and a.device.type == "cpu" and other.device == a.device
-            and a.dtype in (torch.float32, torch.float64) and other.dtype == a.dtype and 1 <= thin <= MAX_THIN
+    fits = (shapes_match and other.device == a.device and other.dtype == a.dtype and _kernel_takes(a, thin)
             and not (torch.is_grad_enabled() and (a.requires_grad or other.requires_grad)))
     if backend == "reference":
         return False
@@ -39,16 +47,14 @@ def _native(a: Tensor, other: Tensor, shapes_match: bool, thin: int, backend: st
                                f"[T, ., d] float32/float64 CPU tensors that need no graph, with 1 to "
                                f"{MAX_THIN} thin columns")
         return True
-    return fits and os.environ.get(ENV_VAR) != "reference" and has_native_device("cpu", op)
+    return fits and _auto_allows(op)
 
 
 def runs_compiled(a: Tensor, thin: int) -> bool:
-    """Whether ``task_matmul_nt(a, b)`` / ``task_matmul_tn(g, a)`` with ``thin`` columns run the
-    compiled kernel under ``backend="auto"`` where no graph is needed (inside an autograd
-    Function's forward or backward)."""
-    return (type(a) is torch.Tensor and a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64)
-            and 1 <= thin <= MAX_THIN and os.environ.get(ENV_VAR) != "reference"
-            and has_native_device("cpu", "task_matmul_nt"))
+    """Whether ``task_matmul_nt(a, b)`` / ``task_matmul_tn(g, a)`` with ``thin`` columns and
+    matching operands run the compiled kernel under ``backend="auto"`` where no graph is needed
+    (inside an autograd Function's forward or backward)."""
+    return _kernel_takes(a, thin) and _auto_allows("task_matmul_nt")
 
 
 def task_matmul_nt(a: Tensor, b: Tensor, *, backend: str = "auto") -> Tensor:
