@@ -22,6 +22,7 @@
 #include <string>
 #include <tuple>
 
+#include "cpu_features.h"
 #include "svm_cs_ipm.h"
 
 namespace fastmaml {
@@ -60,21 +61,7 @@ FASTMAML_SVM_ENTRY(avx2_f32, FASTMAML_TARGET_AVX2, float, 8)
 
 enum class Isa { Default = 0, Avx2 = 1 };
 
-Isa cpu_isa() {
-#if FASTMAML_X86_DISPATCH
-  static const Isa supported = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
-    return Isa::Default;
-  }();
-  // Read on every call so that tests can run each variant in one process.
-  const char* env = std::getenv("ATEN_CPU_CAPABILITY");
-  if (env != nullptr && std::string(env) == "default") return Isa::Default;
-  return supported;
-#else
-  return Isa::Default;
-#endif
-}
+Isa cpu_isa() { return use_avx2_fma() ? Isa::Avx2 : Isa::Default; }
 
 // Packs tasks [T, rows...] into groups [G, rows..., W] (lane = task within the group); the
 // lanes past the last task repeat the group's first task (solved, then dropped).

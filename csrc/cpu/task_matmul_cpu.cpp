@@ -21,8 +21,8 @@
 #endif
 
 #include <algorithm>
-#include <cstdlib>
-#include <string>
+
+#include "cpu_features.h"
 
 namespace fastmaml {
 namespace {
@@ -209,21 +209,6 @@ FASTMAML_MM_DEFAULT void default_tn(const T* g, const T* a, int64_t m, int64_t d
   tn_block<T, C>(g, a, m, d, k0, k1, out);
 }
 
-bool use_avx2() {
-#if FASTMAML_MM_X86
-  static const bool supported = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  // Read on every call so that tests can run each variant in one process (as torch's kernels).
-  const char* env = std::getenv("ATEN_CPU_CAPABILITY");
-  if (env != nullptr && std::string(env) == "default") return false;
-  return supported;
-#else
-  return false;
-#endif
-}
-
 template <typename T>
 struct Kernels {
   using Nt = void (*)(const T*, const T*, int64_t, int64_t, int64_t, T*);
@@ -240,7 +225,7 @@ typename Kernels<T>::Nt pick_nt(int64_t c) {
   static const typename Kernels<T>::Nt base[] = FASTMAML_MM_TABLE(default_nt, T);
 #if FASTMAML_MM_X86
   static const typename Kernels<T>::Nt fast[] = FASTMAML_MM_TABLE(avx2_nt, T);
-  if (use_avx2()) return fast[c - 1];
+  if (use_avx2_fma()) return fast[c - 1];
 #endif
   return base[c - 1];
 }
@@ -250,7 +235,7 @@ typename Kernels<T>::Tn pick_tn(int64_t c) {
   static const typename Kernels<T>::Tn base[] = FASTMAML_MM_TABLE(default_tn, T);
 #if FASTMAML_MM_X86
   static const typename Kernels<T>::Tn fast[] = FASTMAML_MM_TABLE(avx2_tn, T);
-  if (use_avx2()) return fast[c - 1];
+  if (use_avx2_fma()) return fast[c - 1];
 #endif
   return base[c - 1];
 }
