@@ -31,6 +31,12 @@ TORCH_LIBRARY(fastmaml, m) {
   // products: a [T, m, d], b [T, c, d] -> a @ b^T [T, m, c]; g [T, m, c] -> g^T @ a [T, c, d].
   m.def("task_matmul_nt(Tensor a, Tensor b) -> Tensor");
   m.def("task_matmul_tn(Tensor g, Tensor a) -> Tensor");
+  // 2x2 / stride-2 max-pool (floor mode) with a uint8 argmax code per output (which of the four
+  // window entries: 2 * row + column), and the two linear maps of its derivatives: scatter (the
+  // backward: values put at the argmax, zeros elsewhere) and gather (its adjoint).
+  m.def("max_pool2x2(Tensor x) -> (Tensor out, Tensor code)");
+  m.def("max_pool2x2_scatter(Tensor grad, Tensor code, int height, int width) -> Tensor");
+  m.def("max_pool2x2_gather(Tensor src, Tensor code) -> Tensor");
 }
 
 namespace py = pybind11;
