@@ -37,6 +37,10 @@ TORCH_LIBRARY(fastmaml, m) {
   m.def("max_pool2x2(Tensor x) -> (Tensor out, Tensor code)");
   m.def("max_pool2x2_scatter(Tensor grad, Tensor code, int height, int width) -> Tensor");
   m.def("max_pool2x2_gather(Tensor src, Tensor code) -> Tensor");
+  // relu keeping one bit per element (!(y <= 0), torch's threshold_backward test) for its backward:
+  // bits uint8 [ceil(numel / 8)]; bitmask_select(g, bits) = where(bit, g, 0).
+  m.def("relu_bitmask(Tensor x) -> (Tensor y, Tensor bits)");
+  m.def("bitmask_select(Tensor g, Tensor bits) -> Tensor");
 }
 
 namespace py = pybind11;

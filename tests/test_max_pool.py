@@ -3,7 +3,7 @@
 Specification: bit-identical to ``F.max_pool2d(x, 2)`` (values, first and second derivatives,
 forward-mode derivatives) on random inputs in float64 and float32, including ties, NaN and -inf,
 odd sizes (an unpooled last row / column), widths that are not a multiple of the vector width,
-both instruction sets; ``gradcheck`` and ``gradgradcheck`` pass; ``pool_kernels()`` routes exactly the
+both instruction sets; ``gradcheck`` and ``gradgradcheck`` pass; ``cpu_kernels()`` routes exactly the
 calls the kernel computes and leaves every other call to torch; the meta-gradient engine's results
 do not change when it uses the kernel.
 """
@@ -14,7 +14,8 @@ from torch import nn
 
 import fastmaml
 from fastmaml.ops import max_pool as mp
-from fastmaml.ops.max_pool import max_pool2x2, pool_kernels, stock_pooling
+from fastmaml.ops.cpu_kernels import cpu_kernels, stock_kernels
+from fastmaml.ops.max_pool import max_pool2x2
 from fastmaml.reference.max_pool import max_pool2x2_reference
 
 native = pytest.mark.skipif(not fastmaml.HAS_NATIVE, reason="compiled module not built")
@@ -151,19 +152,19 @@ def test_pool_kernels_routes_exactly_the_calls_it_computes(monkeypatch):
                   lambda: F.max_pool2d(x.to(memory_format=torch.channels_last), 2),
                   lambda: F.avg_pool2d(x, 2)]
     for fn in routed:
-        with pool_kernels():
+        with cpu_kernels():
             got = fn()
         assert torch.equal(got, fn()) and len(calls) == 1, fn
         calls.clear()
     for fn in not_routed:
-        with pool_kernels():
+        with cpu_kernels():
             got = fn()
         assert torch.equal(got, fn()) and not calls, fn
-    with pool_kernels():  # under a torch.func transform: torch's op (the Function has no batching rule)
+    with cpu_kernels():  # under a torch.func transform: torch's op (the Function has no batching rule)
         torch.func.vmap(lambda t: F.max_pool2d(t, 2))(x)
         torch.func.grad(lambda t: F.max_pool2d(t, 2).sum())(x)
     assert not calls
-    with stock_pooling(), pool_kernels():
+    with stock_kernels(), cpu_kernels():
         F.max_pool2d(x, 2)
     assert not calls
 
@@ -188,7 +189,7 @@ def test_meta_gradients_do_not_change_with_the_kernel(monkeypatch):
     fast = meta_grad()
     assert calls  # the engine did run the kernel
     calls.clear()
-    with stock_pooling():
+    with stock_kernels():
         stock = meta_grad()
     assert not calls
     for a, b in zip(fast, stock):

@@ -20,8 +20,9 @@ Providers of the second-order meta-gradient (d mean_t L_query / d theta):
                   before the fused MLP path
   fastmaml_nolast, fastmaml_keepfirst (on request): fastmaml_exact with reuse_last_step=False (every
                   HVP recomputes its support pass, as before) / with keep_first_graph=True
-  fastmaml_stock_pool  fastmaml_exact with torch's own max-pool (``stock_pooling()``): what the engine's
-                  compiled 2x2 max-pool kernel contributes on the conv workloads (identical results)
+  fastmaml_stock_ops  fastmaml_exact with torch's own max-pool and relu (``stock_kernels()``): what the
+                  engine's compiled max-pool / relu kernels contribute on the conv workloads (identical
+                  results)
   fastmaml_fd64   maml_loss(hvp_mode="fd_central", fd_dtype=float64)
   fastmaml_fd32   maml_loss(hvp_mode="fd_forward") in float32 (reuses the saved gradients)
 
@@ -55,7 +56,7 @@ from ..meta.functional import TaskModel, batch_stats_only
 from ..meta.hvp import batched_grad, hvp
 from ..meta.inner_loop import normalize_step_sizes
 from ..meta.models import Conv4, mse_loss, sinusoid_mlp
-from ..ops.max_pool import stock_pooling
+from ..ops.cpu_kernels import stock_kernels
 from ..reference.meta import maml_loss_reference
 from ._common import (add_level_options, append_csv, counted_gflop, environment, exact_float32, have_module,
                       print_table, progress, sync)
@@ -65,7 +66,7 @@ from ._common import (add_level_options, append_csv, counted_gflop, environment,
 ERR_FLOOR = 1e-3
 # fastmaml_fd32 (forward differences in float32) is not run by default: on these ReLU / max-pool
 # nets its error is 7e-2 to 1e3 relative (docs/meta.md); ask for it with --providers.
-PROVIDERS = ("loop_autograd", "func_vmap", "higher", "learn2learn", "fastmaml_exact", "fastmaml_stock_pool",
+PROVIDERS = ("loop_autograd", "func_vmap", "higher", "learn2learn", "fastmaml_exact", "fastmaml_stock_ops",
              "fastmaml_fd64")
 OPTIONAL_PROVIDERS = ("fastmaml_fd32", "fastmaml_fwdrev", "fastmaml_revrev", "fastmaml_stacked", "fastmaml_vmap",
                       "fastmaml_nolast", "fastmaml_keepfirst")
@@ -158,9 +159,9 @@ def provider_fn(provider: str, net, loss_fn, support, query, num_steps: int, lr:
         return _higher_fn(net, loss_fn, support, query, num_steps, lr, params)
     if provider == "learn2learn":
         return _learn2learn_fn(net, loss_fn, support, query, num_steps, lr, params)
-    if provider == "fastmaml_stock_pool":
+    if provider == "fastmaml_stock_ops":
         def run():
-            with stock_pooling():
+            with stock_kernels():
                 return torch.autograd.grad(maml_loss(tm, support=support, query=query, num_steps=num_steps, lr=lr,
                                                      check_finite=False, hvp_mode="exact"), params)
 

@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflat
 
 from .. import _validation as V
 from ..inner_update import fd_perturb
-from ..ops.max_pool import pool_kernels
+from ..ops.cpu_kernels import cpu_kernels
 from ..ops.multi_tensor import task_axpby, task_dot
 from . import fused_mlp
 from .functional import TaskModel
@@ -180,7 +180,7 @@ def _loop_grad_autograd(task_loss, params, fixed, task_args, wrt, shared):
     for t in range(num_tasks):
         p = _leaves(params, t, shared)
         f = [q.detach().requires_grad_() for q in fixed] if wrt else [q.detach() for q in fixed]
-        with torch.enable_grad(), pool_kernels():
+        with torch.enable_grad(), cpu_kernels():
             loss = task_loss(p, f, *[a[t] for a in task_args])
             gs = torch.autograd.grad(loss, p + (f if wrt else []), allow_unused=True)
         gs = _zeros_for_none(gs, p + (f if wrt else []))
@@ -200,7 +200,7 @@ def _loop_hvp_double_backward(task_loss, params, fixed, v, task_args, wrt, share
         p = _leaves(params, t, shared)
         f = [q.detach().requires_grad_() for q in fixed] if wrt else [q.detach() for q in fixed]
         targets = p + (f if wrt else [])
-        with torch.enable_grad(), pool_kernels():
+        with torch.enable_grad(), cpu_kernels():
             loss = task_loss(p, f, *[a[t] for a in task_args])
             g = torch.autograd.grad(loss, p, create_graph=True, allow_unused=True)
             pairs = [(gi, vi[t]) for gi, vi in zip(g, v) if gi is not None and gi.requires_grad]
@@ -216,7 +216,7 @@ def _loop_hvp_double_backward(task_loss, params, fixed, v, task_args, wrt, share
 
 def _task_grad_with_graph(task_loss, params, fixed, args_t, t, shared, wrt):
     """Task t's leaves ``p`` and ``f``, its loss and ``grad(loss, p)`` with ``create_graph=True``."""
-    with torch.enable_grad(), pool_kernels():
+    with torch.enable_grad(), cpu_kernels():
         p = _leaves(params, t, shared)
         f = [q.detach().requires_grad_() for q in fixed] if wrt else [q.detach() for q in fixed]
         loss = task_loss(p, f, *args_t)
@@ -294,7 +294,7 @@ def loop_last_step(task_loss, params, fixed, support, query, step, *, shared: bo
         p, f, loss, g = _task_grad_with_graph(task_loss, params, fixed, [a[t] for a in support], t, shared, wrt)
         with torch.no_grad():
             nxt = [(pi.detach() if gi is None else pi.detach() - a * gi.detach()) for pi, gi, a in zip(p, g, step)]
-        with torch.enable_grad(), pool_kernels():
+        with torch.enable_grad(), cpu_kernels():
             pq = [q.requires_grad_() for q in nxt]
             fq = [q.detach().requires_grad_() for q in fixed] if wrt else [q.detach() for q in fixed]
             q_loss = task_loss(pq, fq, *[a[t] for a in query])

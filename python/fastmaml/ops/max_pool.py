@@ -11,38 +11,39 @@ over the same tensor, and it was ~20% of a second-order MAML step on conv4. The 
   scatter again), forward-mode AD too. Results and gradients are bit-identical to
   ``F.max_pool2d(x, 2)`` (same window rule: first maximum, NaN propagates); the reference is
   ``fastmaml.reference.max_pool.max_pool2x2_reference``.
-* ``pool_kernels()``: a context in which ``F.max_pool2d`` / ``nn.MaxPool2d`` calls that the kernel
-  computes exactly (2x2 windows, stride 2, no padding or dilation, contiguous float32/float64 CPU
-  tensors, no ``torch.func`` transform active) run it; every other call runs torch's own. The
-  meta-gradient engine enters it around its per-task autograd passes.
+
+``fastmaml.ops.cpu_kernels.cpu_kernels()`` routes the ``F.max_pool2d`` / ``nn.MaxPool2d`` calls
+this kernel computes exactly to it; the meta-gradient engine enters it around its per-task
+autograd passes.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
 from .._extension import has_native_device
 from ..backend import ENV_VAR
 from ..reference.max_pool import max_pool2x2_reference
 
 _BACKENDS = ("auto", "cpu", "reference")
-_enabled = contextvars.ContextVar("fastmaml_pool_kernels", default=True)
 
 
-def _kernel_takes(x: Tensor) -> bool:
+def plain_cpu_float(x: Tensor) -> bool:
+    """A plain (no subclass, no ``torch.func`` transform active) float32/float64 CPU tensor."""
     return (type(x) is Tensor and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and x.dim() in (3, 4) and x.shape[-1] >= 2 and x.shape[-2] >= 2 and x.is_contiguous()
             and torch._C._functorch.peek_interpreter_stack() is None)
 
 
-def _native_available() -> bool:
-    return os.environ.get(ENV_VAR) != "reference" and has_native_device("cpu", "max_pool2x2")
+def kernel_takes(x: Tensor) -> bool:
+    """Whether the compiled kernel computes ``F.max_pool2d(x, 2)`` for this tensor."""
+    return (plain_cpu_float(x) and x.dim() in (3, 4) and x.shape[-1] >= 2 and x.shape[-2] >= 2
+            and x.is_contiguous())
+
+
+def native_available(op: str = "max_pool2x2") -> bool:
+    return os.environ.get(ENV_VAR) != "reference" and has_native_device("cpu", op)
 
 
 class _Pool(torch.autograd.Function):
@@ -123,65 +124,14 @@ def max_pool2x2(x: Tensor, *, backend: str = "auto") -> Tensor:
         raise TypeError(f"x must be a tensor [N, C, H, W] or [C, H, W], got {type(x).__name__}")
     if backend == "reference":
         return max_pool2x2_reference(x)
-    fits = _kernel_takes(x)
+    fits = kernel_takes(x)
     if backend == "cpu":
         if not (fits and has_native_device("cpu", "max_pool2x2")):
             raise RuntimeError("backend 'cpu' cannot run max_pool2x2 here: it needs the compiled module and a "
                                "contiguous float32/float64 CPU tensor [N, C, H, W] or [C, H, W] with H, W >= 2, "
                                f"outside torch.func transforms; got {x.dtype} {tuple(x.shape)} on {x.device}")
         return _Pool.apply(x)
-    return _Pool.apply(x) if fits and _native_available() else max_pool2x2_reference(x)
-
-
-def _pair_is(v, n) -> bool:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return v == n
-    return isinstance(v, (tuple, list)) and len(v) == 2 and all(type(e) is int and e == n for e in v)
-
-
-def _is_2x2_stride_2(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-                     return_indices=False) -> bool:
-    """Whether ``max_pool2d``'s arguments describe the op the kernel computes."""
-    if return_indices or not _pair_is(kernel_size, 2) or not _pair_is(padding, 0) or not _pair_is(dilation, 1):
-        return False
-    if not (stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0) or _pair_is(stride, 2)):
-        return False
-    if ceil_mode and not (isinstance(input, Tensor) and input.shape[-1] % 2 == 0 and input.shape[-2] % 2 == 0):
-        return False  # ceil mode pools a last partial window; on even sizes there is none
-    return True
-
-
-class _PoolKernelMode(TorchFunctionMode):
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if (func is F.max_pool2d or func is torch.max_pool2d) and args and isinstance(args[0], Tensor):
-            try:
-                takes = _is_2x2_stride_2(*args, **kwargs)
-            except TypeError:  # arguments torch itself will reject: let it
-                takes = False
-            if takes and _kernel_takes(args[0]):
-                return _Pool.apply(args[0])
-        return func(*args, **kwargs)
-
-
-def pool_kernels():
-    """A context in which the ``max_pool2d`` calls the kernel computes exactly run it (see the module
-    docstring); a no-op when the compiled module is missing, under ``FASTMAML_BACKEND=reference`` or
-    inside ``stock_pooling()``."""
-    if not _enabled.get() or not _native_available():
-        return contextlib.nullcontext()
-    return _PoolKernelMode()
-
-
-@contextlib.contextmanager
-def stock_pooling():
-    """Within this context ``pool_kernels()`` does nothing: torch's own max-pool runs (benchmarks use
-    it to show what the kernel contributes)."""
-    token = _enabled.set(False)
-    try:
-        yield
-    finally:
-        _enabled.reset(token)
+    return _Pool.apply(x) if fits and native_available() else max_pool2x2_reference(x)
 
 
 def _register_native_fakes() -> None:

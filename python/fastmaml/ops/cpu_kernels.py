@@ -1,0 +1,103 @@
+"""Where the engine runs the network's own layers through fastmaml's CPU kernels.
+
+Inside ``cpu_kernels()`` (a ``TorchFunctionMode``), two kinds of calls of any model are routed to
+compiled kernels that compute exactly what torch computes (bit-identical values and gradients of
+every order), faster or in less memory:
+
+* ``F.max_pool2d`` / ``nn.MaxPool2d`` / ``torch.max_pool2d`` with 2x2 windows, stride 2, no
+  padding or dilation, no indices returned, on a contiguous ``[N, C, H, W]`` or ``[C, H, W]``
+  tensor -> ``fastmaml.ops.max_pool.max_pool2x2`` (~15x faster forward here, 1-byte argmax);
+* ``F.relu`` / ``nn.ReLU`` / ``torch.relu`` / ``Tensor.relu`` (not in place) of a tensor that
+  needs a gradient -> ``fastmaml.ops.relu.relu_bitmask`` (saves 1 bit per element instead of its
+  output).
+
+Only plain float32/float64 CPU tensors are routed, and nothing while a ``torch.func`` transform
+(vmap, grad, jvp) is active; every other call runs torch's own op unchanged. The meta-gradient
+engine enters the context around its per-task autograd passes (the ``"loop"`` batching); the
+plain-autograd reference engine never does. ``stock_kernels()`` switches the routing off (the
+benchmark's ``fastmaml_stock_ops`` rows), as does ``FASTMAML_BACKEND=reference``.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from .max_pool import _Pool, kernel_takes, native_available, plain_cpu_float
+from .relu import _ReluBits
+
+_enabled = contextvars.ContextVar("fastmaml_cpu_kernels", default=True)
+_RELUS = (F.relu, torch.relu, Tensor.relu)
+
+
+def _pair_is(v, n) -> bool:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v == n
+    return isinstance(v, (tuple, list)) and len(v) == 2 and all(type(e) is int and e == n for e in v)
+
+
+def is_2x2_stride_2(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                    return_indices=False) -> bool:
+    """Whether ``max_pool2d``'s arguments describe the op ``max_pool2x2`` computes."""
+    if return_indices or not _pair_is(kernel_size, 2) or not _pair_is(padding, 0) or not _pair_is(dilation, 1):
+        return False
+    if not (stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0) or _pair_is(stride, 2)):
+        return False
+    if ceil_mode and not (isinstance(input, Tensor) and input.shape[-1] % 2 == 0 and input.shape[-2] % 2 == 0):
+        return False  # ceil mode pools a last partial window; on even sizes there is none
+    return True
+
+
+def _is_plain_relu(input, inplace=False) -> bool:
+    return inplace is False
+
+
+class _CPUKernelMode(TorchFunctionMode):
+    def __init__(self, pool: bool, relu: bool):
+        super().__init__()
+        self.pool, self.relu = pool, relu
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if args and isinstance(args[0], Tensor):
+            x = args[0]
+            if self.pool and (func is F.max_pool2d or func is torch.max_pool2d):
+                try:
+                    takes = is_2x2_stride_2(*args, **kwargs)
+                except TypeError:  # arguments torch itself will reject: let it
+                    takes = False
+                if takes and kernel_takes(x):
+                    return _Pool.apply(x)
+            elif self.relu and func in _RELUS:
+                try:
+                    takes = _is_plain_relu(*args, **kwargs)
+                except TypeError:
+                    takes = False
+                if takes and x.requires_grad and torch.is_grad_enabled() and plain_cpu_float(x):
+                    return _ReluBits.apply(x)
+        return func(*args, **kwargs)
+
+
+def cpu_kernels():
+    """A context in which the calls listed in the module docstring run fastmaml's kernels; a no-op
+    when the compiled module is missing, under ``FASTMAML_BACKEND=reference`` or inside
+    ``stock_kernels()``."""
+    if not _enabled.get():
+        return contextlib.nullcontext()
+    pool, relu = native_available("max_pool2x2"), native_available("relu_bitmask")
+    return _CPUKernelMode(pool, relu) if pool or relu else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def stock_kernels():
+    """Within this context ``cpu_kernels()`` does nothing: torch's own ops run (the benchmark uses it
+    to show what the kernels contribute)."""
+    token = _enabled.set(False)
+    try:
+        yield
+    finally:
+        _enabled.reset(token)
