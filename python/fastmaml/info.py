@@ -14,7 +14,8 @@ from ._extension import build_info
 # op that runs it.
 OPS = {"task_axpby": "task_axpby", "task_dot": "task_dot", "inner_sgd_step": "task_axpby",
        "fd_perturb": "task_axpby", "fd_combine": "task_axpby", "svm_crammer_singer_solve": "svm_cs_ipm",
-       "task_matmul_nt/tn (heads)": "task_matmul_nt"}
+       "task_matmul_nt/tn (heads)": "task_matmul_nt", "max_pool2x2 (meta engine)": "max_pool2x2",
+       "relu_bitmask (meta engine)": "relu_bitmask"}
 
 
 def _version(dist: str) -> str:
@@ -60,6 +61,8 @@ def main() -> None:
     if "triton" in info["ops"].get("svm_crammer_singer_solve", {}).values():
         print("    (the Triton SVM solver takes n <= 32 support points and n_way <= 8; larger tasks: reference)")
     print("    (task_matmul: the compiled kernel for float32/float64 with <= 16 classes, else torch.bmm)")
+    print("    (max_pool2x2, relu_bitmask: the engine's per-task passes route a model's 2x2 max-pools and relus to")
+    print("     them on the CPU, fastmaml.ops.cpu_kernels; on GPUs torch's ops run)")
 
 
 if __name__ == "__main__":

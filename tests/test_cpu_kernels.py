@@ -1,0 +1,148 @@
+"""cpu_kernels(): where the engine runs a network's own max-pools and relus through fastmaml's kernels.
+
+Specification: inside ``cpu_kernels()`` exactly the calls the kernels compute identically are
+routed (2x2 / stride-2 max-pools of contiguous float CPU tensors; out-of-place relus of tensors
+that need a gradient), every other call (other pooling arguments, dtypes, layouts, in-place relu,
+torch.func transforms, ``stock_kernels()``, ``FASTMAML_BACKEND=reference``) runs torch's op; the
+meta-gradient engine's results are bit-identical with and without the kernels, and they reduce
+what a query pass keeps.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastmaml
+from fastmaml.ops import max_pool as mp
+from fastmaml.ops import relu as rl
+from fastmaml.ops.cpu_kernels import cpu_kernels, stock_kernels
+
+native = pytest.mark.skipif(not fastmaml.HAS_NATIVE, reason="compiled module not built")
+
+
+@pytest.fixture
+def routed(monkeypatch):
+    """Records which kernel each routed call reached."""
+    calls = []
+    pool, relu = mp._Pool.apply, rl._ReluBits.apply
+    monkeypatch.setattr(mp._Pool, "apply", lambda x: calls.append("pool") or pool(x))
+    monkeypatch.setattr(rl._ReluBits, "apply", lambda x: calls.append("relu") or relu(x))
+    return calls
+
+
+@native
+def test_routes_exactly_the_max_pools_the_kernel_computes(routed):
+    x, odd = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 9, 8)
+    taken = [lambda: F.max_pool2d(x, 2), lambda: F.max_pool2d(x, (2, 2), stride=2), lambda: nn.MaxPool2d(2)(x),
+             lambda: F.max_pool2d(x, 2, 2, 0, 1), lambda: torch.max_pool2d(x, 2), lambda: F.max_pool2d(x[0], 2),
+             lambda: F.max_pool2d(x, 2, ceil_mode=True)]  # even sizes: ceil mode is the same op
+    not_taken = [lambda: F.max_pool2d(x, 3), lambda: F.max_pool2d(x, 2, stride=1), lambda: F.max_pool2d(x, 2, padding=1),
+                 lambda: F.max_pool2d(x, 2, dilation=2), lambda: F.max_pool2d(x, 2, return_indices=True)[0],
+                 lambda: F.max_pool2d(odd, 2, ceil_mode=True), lambda: F.max_pool2d(x.half(), 2).float(),
+                 lambda: F.max_pool2d(x.transpose(-1, -2), 2),
+                 lambda: F.max_pool2d(x.to(memory_format=torch.channels_last), 2), lambda: F.avg_pool2d(x, 2)]
+    for fn in taken:
+        with cpu_kernels():
+            got = fn()
+        assert torch.equal(got, fn()) and routed == ["pool"], fn
+        routed.clear()
+    for fn in not_taken:
+        with cpu_kernels():
+            got = fn()
+        assert torch.equal(got, fn()) and not routed, fn
+
+
+@native
+def test_routes_out_of_place_relus_that_need_a_gradient(routed):
+    x = torch.randn(4, 6, requires_grad=True)
+    for fn in (lambda: F.relu(x), lambda: nn.ReLU()(x), lambda: torch.relu(x), lambda: x.relu()):
+        with cpu_kernels():
+            got = fn()
+        assert torch.equal(got, fn()) and routed == ["relu"], fn
+        routed.clear()
+    y = torch.randn(4, 6)
+    with cpu_kernels():
+        F.relu(y)  # no gradient needed: torch's (nothing to save)
+        with torch.no_grad():
+            F.relu(x)
+        z = x * 1
+        F.relu(z, inplace=True)  # in place: torch's
+        nn.ReLU(inplace=True)(x * 1)
+    assert not routed
+
+
+@native
+def test_transforms_stock_kernels_and_the_reference_backend_turn_routing_off(routed, monkeypatch):
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    with cpu_kernels():  # under a torch.func transform: torch's ops (the Functions have no batching rules)
+        torch.func.vmap(lambda t: F.max_pool2d(F.relu(t), 2))(x.detach())
+        torch.func.grad(lambda t: F.max_pool2d(F.relu(t), 2).sum())(x.detach())
+    with stock_kernels(), cpu_kernels():
+        F.max_pool2d(F.relu(x), 2)
+    monkeypatch.setenv("FASTMAML_BACKEND", "reference")
+    with cpu_kernels():
+        F.max_pool2d(F.relu(x), 2)
+    assert not routed
+
+
+def _conv4_task(seed=0):
+    from fastmaml.meta.models import Conv4
+
+    torch.manual_seed(seed)
+    net = Conv4(1, 8, 5, 28).double()
+    xs, ys = torch.randn(3, 5, 1, 28, 28, dtype=torch.float64), torch.arange(5).repeat(3, 1)
+    xq, yq = torch.randn(3, 10, 1, 28, 28, dtype=torch.float64), torch.arange(5).repeat(3, 2)
+    return net, (xs, ys), (xq, yq)
+
+
+@native
+@pytest.mark.parametrize("algorithm,kw", [("maml", {}), ("maml", {"reuse_last_step": False}),
+                                          ("maml", {"keep_first_graph": True}), ("fomaml", {}), ("imaml", {})])
+def test_meta_gradients_are_bit_identical_with_the_kernels(routed, algorithm, kw):
+    from fastmaml.meta import maml_loss
+
+    net, support, query = _conv4_task()
+    lr = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)  # a learnable step size too
+    params = list(net.parameters()) + [lr]
+
+    def meta_grad():
+        loss = maml_loss(net, F.cross_entropy, support, query, num_steps=3, lr=lr, algorithm=algorithm,
+                         batching="loop", **kw)
+        return torch.autograd.grad(loss, params, allow_unused=True)
+
+    fast = meta_grad()
+    assert "pool" in routed and "relu" in routed  # the engine did run both kernels
+    routed.clear()
+    with stock_kernels():
+        stock = meta_grad()
+    assert not routed
+    for a, b in zip(fast, stock):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+@native
+def test_a_query_pass_keeps_less_with_the_kernels():
+    """What autograd saves for one conv4 query loss: torch's relu keeps its float output and its
+    max-pool int64 indices; the kernels keep 1 bit and 1 byte."""
+    net, _, (xq, yq) = _conv4_task()
+    net = net.float()
+
+    def saved_bytes():
+        seen, total = set(), 0
+
+        def pack(t):
+            nonlocal total
+            key = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape))
+            if key not in seen and t.data_ptr() != xq.data_ptr():
+                seen.add(key)
+                total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            F.cross_entropy(net(xq[0].float()), yq[0])
+        return total
+
+    with cpu_kernels():
+        ours = saved_bytes()
+    stock = saved_bytes()
+    assert ours < 0.6 * stock, (ours, stock)
