@@ -2,7 +2,9 @@
 
 ``fastmaml.meta``: batched MAML / FOMAML / Reptile / iMAML meta-gradients and HVPs (front door
 ``fastmaml.meta.maml_loss`` and ``fastmaml.meta.MAML``). ``fastmaml.heads``: R2-D2 ridge, MetaOptNet
-SVM and ProtoNet heads on batched ridge and QP solvers. Top level: the fused multi-tensor ops.
+SVM and ProtoNet heads on batched ridge and QP solvers. Top level: the fused multi-tensor ops, and
+``cpu_kernels()``, a context in which a model's 2x2 max-pools and relus run on fastmaml's CPU
+kernels (bit-identical results; the engine uses it, any autograd code can).
 
 Every op has a pure-PyTorch reference (``fastmaml.reference``) and fast backends (C++ CPU, CUDA,
 Triton) chosen by one selector (``fastmaml.backend``). All ops take a batch of T tasks: tensors
@@ -13,6 +15,7 @@ import torch  # noqa: F401  (the compiled module links libc10: torch must be imp
 from . import backend, heads, meta
 from ._extension import HAS_NATIVE, build_info
 from .inner_update import fd_combine, fd_perturb, fd_step_size, inner_sgd_step, inner_sgd_step_
+from .ops.cpu_kernels import cpu_kernels, stock_kernels
 from .ops.multi_tensor import task_axpby, task_axpby_, task_dot
 
 __version__ = "0.1.0"
@@ -21,6 +24,7 @@ __all__ = [
     "HAS_NATIVE",
     "backend",
     "build_info",
+    "cpu_kernels",
     "fd_combine",
     "fd_perturb",
     "fd_step_size",
@@ -28,6 +32,7 @@ __all__ = [
     "inner_sgd_step",
     "inner_sgd_step_",
     "meta",
+    "stock_kernels",
     "task_axpby",
     "task_axpby_",
     "task_dot",
