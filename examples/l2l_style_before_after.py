@@ -27,7 +27,9 @@ the variant's, in wall and in CPU time (CPU time is the steadier one on a shared
 resident-set high-water mark during the iterations (VmHWM, reset just after setup) minus the
 resident set after setup (on CUDA: the allocator's peak above what is allocated after setup);
 children run with MALLOC_MMAP_THRESHOLD_=131072 so freed activations go back to the OS instead of
-fragmenting the heap. Gradients: each variant's meta-gradient of the
+fragmenting the heap (this makes every large allocation fault in fresh pages, which slows code that
+allocates more; --default-malloc times the variants under glibc's default allocator instead, as
+users run them, and then the memory column includes heap fragmentation). Gradients: each variant's meta-gradient of the
 first meta-iteration (before any optimizer step) is compared with the ``before`` variant's, in
 float32 (the timed run) and in float64 (one extra iteration per variant, --no-check64 skips it).
 
@@ -241,12 +243,12 @@ def run_variant(spec: dict) -> dict:
     return {"times_ms": [1e3 * t for t in times], "cpu_ms": [1e3 * t for t in cpu_times], "extra_mb": extra_mb}
 
 
-def spawn(spec: dict) -> dict:
+def spawn(spec: dict, default_malloc: bool = False) -> dict:
     code = ("import json, sys; sys.path.insert(0, %r); import l2l_style_before_after as m; "
             "print(json.dumps(m.run_variant(json.loads(%r))))") % (os.path.dirname(os.path.abspath(__file__)),
                                                                   json.dumps(spec))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONWARNINGS": "ignore", **MALLOC_ENV})
+                         env={**os.environ, "PYTHONWARNINGS": "ignore", **({} if default_malloc else MALLOC_ENV)})
     if out.returncode != 0:
         raise RuntimeError(f"variant {spec['variant']} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -289,6 +291,8 @@ def main(argv=None) -> None:
                     help=f"comma-separated, from {VARIANTS} (learn2learn is added by --l2l-path)")
     ap.add_argument("--l2l-path", default=None, help="learn2learn's package directory (…/site-packages/learn2learn)")
     ap.add_argument("--no-check64", action="store_true", help="skip the float64 gradient agreement run")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="time under glibc's default allocator (memory then includes heap fragmentation)")
     args = ap.parse_args(argv)
     for key, value in WORKLOADS[args.workload].items():
         if getattr(args, key) is None:
@@ -308,7 +312,8 @@ def main(argv=None) -> None:
 
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{os.cpu_count()} CPUs"
     print(f"torch {torch.__version__}, {args.device} ({where}), {args.threads} thread(s) per variant, "
-          f"load average {load_average()} (start)")
+          f"load average {load_average()} (start)"
+          + (", glibc default allocator" if args.default_malloc else f", {MALLOC_ENV}"))
     if args.workload == "sinusoid":
         print(f"sinusoid MLP 1-40-40-1 (ReLU), MSE, 10 support + 10 query points, "
               f"T = {args.tasks}, K = {args.steps}, lr = {args.lr}, second order, float32")
@@ -323,7 +328,7 @@ def main(argv=None) -> None:
             for v in variants:
                 f = os.path.join(tmp, f"{v}32.pt")
                 out = spawn({**base, "variant": v, "dtype": "float32", "iters": args.iters, "warmup": args.warmup,
-                             "grad_file": f})
+                             "grad_file": f}, default_malloc=args.default_malloc)
                 row = rows.setdefault(v, {"times_ms": [], "cpu_ms": [], "extra_mb": []})
                 for key in ("times_ms", "cpu_ms"):
                     row[key] += out[key]
