@@ -68,7 +68,9 @@ def test_routes_out_of_place_relus_that_need_a_gradient(routed):
         z = x * 1
         F.relu(z, inplace=True)  # in place: torch's
         nn.ReLU(inplace=True)(x * 1)
+        cl = F.relu(torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last).requires_grad_())
     assert not routed
+    assert cl.is_contiguous(memory_format=torch.channels_last)  # torch's relu keeps the layout
 
 
 @native

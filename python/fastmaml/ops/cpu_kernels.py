@@ -7,8 +7,8 @@ every order), faster or in less memory:
 * ``F.max_pool2d`` / ``nn.MaxPool2d`` / ``torch.max_pool2d`` with 2x2 windows, stride 2, no
   padding or dilation, no indices returned, on a contiguous ``[N, C, H, W]`` or ``[C, H, W]``
   tensor -> ``fastmaml.ops.max_pool.max_pool2x2`` (~15x faster forward here, 1-byte argmax);
-* ``F.relu`` / ``nn.ReLU`` / ``torch.relu`` / ``Tensor.relu`` (not in place) of a tensor that
-  needs a gradient -> ``fastmaml.ops.relu.relu_bitmask`` (saves 1 bit per element instead of its
+* ``F.relu`` / ``nn.ReLU`` / ``torch.relu`` / ``Tensor.relu`` (not in place) of a contiguous tensor
+  that needs a gradient -> ``fastmaml.ops.relu.relu_bitmask`` (saves 1 bit per element instead of its
   output).
 
 Only plain float32/float64 CPU tensors are routed, and nothing while a ``torch.func`` transform
@@ -77,7 +77,7 @@ class _CPUKernelMode(TorchFunctionMode):
                     takes = _is_plain_relu(*args, **kwargs)
                 except TypeError:
                     takes = False
-                if takes and x.requires_grad and torch.is_grad_enabled() and plain_cpu_float(x):
+                if takes and x.requires_grad and torch.is_grad_enabled() and plain_cpu_float(x) and x.is_contiguous():
                     return _ReluBits.apply(x)
         return func(*args, **kwargs)
 
