@@ -30,9 +30,9 @@ Accuracy: every provider's float32 meta-gradient is compared with the float64 lo
 reference on the same weights and data; the row is ``ok`` when its relative error is at most
 ``max(2 * err(loop_autograd, float32), 1e-3)`` (flash-attention's rule with a float32 floor), else ``FAILED`` and it gets
 no speed-up. Time: median (p25-p75) wall time over repeats, in-process, and the median process CPU time. Memory: each (provider, K)
-runs once in a fresh subprocess; the peak extra memory is the resident-set high-water mark during
-the call (VmHWM, reset through /proc/self/clear_refs just before it) minus the resident set before
-it (after model and data are built): everything the call allocated at its peak (autograd graph,
+runs in a fresh subprocess: one untimed call, then the peak extra memory of a second call, the
+resident-set high-water mark during it (VmHWM, reset through /proc/self/clear_refs just before it)
+minus the resident set before it (after model, data and the first call): everything the call allocated at its peak (autograd graph,
 activations, saved per-step parameters, allocator slack), measured by the OS, not by a profiler.
 (getrusage's ru_maxrss is not usable here: Linux carries it across execve from the parent.)
 Children run with MALLOC_MMAP_THRESHOLD_=131072 (see MALLOC_ENV) so that freed activation blocks
@@ -41,6 +41,7 @@ go back to the OS instead of fragmenting the heap.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -272,6 +273,11 @@ def _child(spec_json: str) -> None:
     device = torch.device(spec.get("device", "cpu"))
     net, loss_fn, sup, qry, lr = make_workload(spec["workload"], spec["tasks"], device=device)
     fn = provider_fn(spec["provider"], net, loss_fn, sup, qry, spec["steps"], lr)
+    # One call first: what a training loop pays each iteration is measured, not what only the first
+    # call of a process pays (library code paged in on first use, oneDNN kernels and scratchpads
+    # created for new shapes: ~54 MB that stayed resident after the first double backward on B).
+    fn()
+    gc.collect()
     if device.type == "cuda":  # the caching allocator's own peak: what the call allocated on the device
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
