@@ -48,10 +48,14 @@ def _series(rows, x_key, y_key, group_key):
     return {g: tuple(zip(*sorted(pts))) for g, pts in out.items()}
 
 
+_COLORS: dict = {}  # one color per series name across all panels of a run
+
+
 def _lines(ax, series, *, xlabel, ylabel, title, logx=False, logy=False):
     for name, (xs, ys) in sorted(series.items()):
         style = "-" if "fastmaml" in name else "--"
-        ax.plot(xs, ys, style, marker="o", label=name)
+        color = _COLORS.setdefault(name, f"C{len(_COLORS) % 10}")
+        ax.plot(xs, ys, style, marker="o", label=name, color=color)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
