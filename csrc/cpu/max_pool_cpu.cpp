@@ -109,28 +109,6 @@ FASTMAML_POOL_AVX2 inline void pool8_avx2(const float* r0, const float* r1, floa
   std::memcpy(c + 4, &hi, 4);
 }
 
-FASTMAML_POOL_AVX2 void pool_planes_avx2(const float* x, int64_t h, int64_t w, float* out, uint8_t* code,
-                                         int64_t p0, int64_t p1) {
-  const int64_t ho = h / 2, wo = w / 2, wo_main = wo - wo % 8, tail = wo - wo_main;
-  for (int64_t p = p0; p < p1; ++p) {
-    for (int64_t i = 0; i < ho; ++i) {
-      const float* r0 = x + (p * h + 2 * i) * w;
-      const float* r1 = r0 + w;
-      float* o = out + (p * ho + i) * wo;
-      uint8_t* c = code + (p * ho + i) * wo;
-      for (int64_t j = 0; j < wo_main; j += 8) pool8_avx2(r0 + 2 * j, r1 + 2 * j, o + j, c + j);
-      if (tail) {  // the last < 8 outputs (Conv4's 14-, 10-, 7- and 5-wide maps): through padded copies
-        float t0[16] = {}, t1[16] = {}, to[8];
-        uint8_t tc[8];
-        std::memcpy(t0, r0 + 2 * wo_main, sizeof(float) * 2 * tail);
-        std::memcpy(t1, r1 + 2 * wo_main, sizeof(float) * 2 * tail);
-        pool8_avx2(t0, t1, to, tc);
-        std::memcpy(o + wo_main, to, sizeof(float) * tail);
-        std::memcpy(c + wo_main, tc, tail);
-      }
-    }
-  }
-}
 // float64: 4 outputs from 8 columns of each of the two rows.
 FASTMAML_POOL_AVX2 inline void split_even_odd_pd(const double* r, __m256d& even, __m256d& odd) {
   const __m256d a = _mm256_loadu_pd(r), b = _mm256_loadu_pd(r + 4);
@@ -160,23 +138,27 @@ FASTMAML_POOL_AVX2 inline void pool4_avx2_pd(const double* r0, const double* r1,
   std::memcpy(c, &bytes, 4);
 }
 
-FASTMAML_POOL_AVX2 void pool_planes_avx2_pd(const double* x, int64_t h, int64_t w, double* out, uint8_t* code,
-                                            int64_t p0, int64_t p1) {
-  const int64_t ho = h / 2, wo = w / 2, wo_main = wo - wo % 4, tail = wo - wo_main;
+// All output rows of planes [p0, p1) in blocks of kOut outputs (Block: pool8_avx2 or
+// pool4_avx2_pd); the last < kOut outputs of a row (Conv4's 14-, 10-, 7- and 5-wide maps) go
+// through zero-padded copies of their input columns.
+template <typename T, int kOut, void (*Block)(const T*, const T*, T*, uint8_t*)>
+FASTMAML_POOL_AVX2 void pool_planes_avx2(const T* x, int64_t h, int64_t w, T* out, uint8_t* code, int64_t p0,
+                                         int64_t p1) {
+  const int64_t ho = h / 2, wo = w / 2, wo_main = wo - wo % kOut, tail = wo - wo_main;
   for (int64_t p = p0; p < p1; ++p) {
     for (int64_t i = 0; i < ho; ++i) {
-      const double* r0 = x + (p * h + 2 * i) * w;
-      const double* r1 = r0 + w;
-      double* o = out + (p * ho + i) * wo;
+      const T* r0 = x + (p * h + 2 * i) * w;
+      const T* r1 = r0 + w;
+      T* o = out + (p * ho + i) * wo;
       uint8_t* c = code + (p * ho + i) * wo;
-      for (int64_t j = 0; j < wo_main; j += 4) pool4_avx2_pd(r0 + 2 * j, r1 + 2 * j, o + j, c + j);
+      for (int64_t j = 0; j < wo_main; j += kOut) Block(r0 + 2 * j, r1 + 2 * j, o + j, c + j);
       if (tail) {
-        double t0[8] = {}, t1[8] = {}, to[4];
-        uint8_t tc[4];
-        std::memcpy(t0, r0 + 2 * wo_main, sizeof(double) * 2 * tail);
-        std::memcpy(t1, r1 + 2 * wo_main, sizeof(double) * 2 * tail);
-        pool4_avx2_pd(t0, t1, to, tc);
-        std::memcpy(o + wo_main, to, sizeof(double) * tail);
+        T t0[2 * kOut] = {}, t1[2 * kOut] = {}, to[kOut];
+        uint8_t tc[kOut];
+        std::memcpy(t0, r0 + 2 * wo_main, sizeof(T) * 2 * tail);
+        std::memcpy(t1, r1 + 2 * wo_main, sizeof(T) * 2 * tail);
+        Block(t0, t1, to, tc);
+        std::memcpy(o + wo_main, to, sizeof(T) * tail);
         std::memcpy(c + wo_main, tc, tail);
       }
     }
@@ -306,10 +288,11 @@ std::tuple<at::Tensor, at::Tensor> max_pool2x2_cpu(const at::Tensor& x_in) {
 #if FASTMAML_POOL_X86
       if (use_avx2_fma()) {
         if constexpr (std::is_same_v<scalar_t, float>) {
-          pool_planes_avx2(reinterpret_cast<const float*>(xp), h, w, reinterpret_cast<float*>(op), cp, p0, p1);
+          pool_planes_avx2<float, 8, pool8_avx2>(reinterpret_cast<const float*>(xp), h, w,
+                                                 reinterpret_cast<float*>(op), cp, p0, p1);
         } else {  // (the casts are no-ops: this lambda is compiled for both types)
-          pool_planes_avx2_pd(reinterpret_cast<const double*>(xp), h, w, reinterpret_cast<double*>(op), cp, p0,
-                              p1);
+          pool_planes_avx2<double, 4, pool4_avx2_pd>(reinterpret_cast<const double*>(xp), h, w,
+                                                     reinterpret_cast<double*>(op), cp, p0, p1);
         }
         return;
       }

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from .max_pool import _Pool, kernel_takes, native_available, plain_cpu_float
+from ._native_cpu import native_available, plain_cpu_float
+from .max_pool import _Pool, kernel_takes
 from .relu import _ReluBits
 
 _enabled = contextvars.ContextVar("fastmaml_cpu_kernels", default=True)

@@ -18,32 +18,20 @@ autograd passes.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
 from .._extension import has_native_device
-from ..backend import ENV_VAR
 from ..reference.max_pool import max_pool2x2_reference
+from ._native_cpu import native_available, plain_cpu_float
 
 _BACKENDS = ("auto", "cpu", "reference")
-
-
-def plain_cpu_float(x: Tensor) -> bool:
-    """A plain (no subclass, no ``torch.func`` transform active) float32/float64 CPU tensor."""
-    return (type(x) is Tensor and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and torch._C._functorch.peek_interpreter_stack() is None)
 
 
 def kernel_takes(x: Tensor) -> bool:
     """Whether the compiled kernel computes ``F.max_pool2d(x, 2)`` for this tensor."""
     return (plain_cpu_float(x) and x.dim() in (3, 4) and x.shape[-1] >= 2 and x.shape[-2] >= 2
             and x.is_contiguous())
-
-
-def native_available(op: str = "max_pool2x2") -> bool:
-    return os.environ.get(ENV_VAR) != "reference" and has_native_device("cpu", op)
 
 
 class _Pool(torch.autograd.Function):
@@ -131,7 +119,7 @@ def max_pool2x2(x: Tensor, *, backend: str = "auto") -> Tensor:
                                "contiguous float32/float64 CPU tensor [N, C, H, W] or [C, H, W] with H, W >= 2, "
                                f"outside torch.func transforms; got {x.dtype} {tuple(x.shape)} on {x.device}")
         return _Pool.apply(x)
-    return _Pool.apply(x) if fits and native_available() else max_pool2x2_reference(x)
+    return _Pool.apply(x) if fits and native_available("max_pool2x2") else max_pool2x2_reference(x)
 
 
 def _register_native_fakes() -> None:

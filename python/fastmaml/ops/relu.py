@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._extension import has_native_device
 from ..reference.relu import relu_reference
-from .max_pool import native_available, plain_cpu_float
+from ._native_cpu import native_available, plain_cpu_float
 
 _BACKENDS = ("auto", "cpu", "reference")
 
@@ -78,7 +79,7 @@ def relu_bitmask(x: Tensor, *, backend: str = "auto") -> Tensor:
         return relu_reference(x)
     fits = plain_cpu_float(x)
     if backend == "cpu":
-        if not (fits and native_available("relu_bitmask")):
+        if not (fits and has_native_device("cpu", "relu_bitmask")):
             raise RuntimeError("backend 'cpu' cannot run relu_bitmask here: it needs the compiled module and a "
                                f"float32/float64 CPU tensor outside torch.func transforms; got {x.dtype} on {x.device}")
         return _ReluBits.apply(x)

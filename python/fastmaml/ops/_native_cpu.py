@@ -1,0 +1,22 @@
+"""What the compiled CPU kernels of the network's layers (max-pool, relu) can take."""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .._extension import has_native_device
+from ..backend import ENV_VAR
+
+
+def plain_cpu_float(x: Tensor) -> bool:
+    """A plain (no subclass, no ``torch.func`` transform active) float32/float64 CPU tensor."""
+    return (type(x) is Tensor and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and torch._C._functorch.peek_interpreter_stack() is None)
+
+
+def native_available(op: str) -> bool:
+    """The compiled op ``fastmaml::<op>`` has a CPU kernel and ``FASTMAML_BACKEND`` does not ask for
+    the references."""
+    return os.environ.get(ENV_VAR) != "reference" and has_native_device("cpu", op)
