@@ -266,6 +266,14 @@ void check_code(const at::Tensor& code, at::IntArrayRef pooled_shape) {
               pooled_shape);
 }
 
+// `sizes` with its last two dims replaced by h, w.
+std::vector<int64_t> with_plane(at::IntArrayRef sizes, int64_t h, int64_t w) {
+  std::vector<int64_t> shape(sizes.begin(), sizes.end());
+  shape[shape.size() - 2] = h;
+  shape[shape.size() - 1] = w;
+  return shape;
+}
+
 // Grain in planes: a few hundred KB of input per chunk.
 int64_t plane_grain(int64_t plane_elems) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, plane_elems)); }
 
@@ -274,9 +282,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2x2_cpu(const at::Tensor& x_in) {
   const at::Tensor x = x_in.contiguous();
   const int64_t h = x.size(-2), w = x.size(-1);
   TORCH_CHECK(h >= 2 && w >= 2, "max_pool2x2: x must be at least 2x2 in its last two dims, got ", h, "x", w);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape[shape.size() - 2] = h / 2;
-  shape[shape.size() - 1] = w / 2;
+  const std::vector<int64_t> shape = with_plane(x.sizes(), h / 2, w / 2);
   at::Tensor out = at::empty(shape, x.options());
   at::Tensor code = at::empty(shape, x.options().dtype(at::kByte));
   const int64_t planes = h * w ? x.numel() / (h * w) : 0;
@@ -313,10 +319,7 @@ at::Tensor max_pool2x2_scatter_cpu(const at::Tensor& g_in, const at::Tensor& cod
               " input");
   check_code(code_in, g_in.sizes());
   const at::Tensor g = g_in.contiguous(), code = code_in.contiguous();
-  std::vector<int64_t> shape(g.sizes().begin(), g.sizes().end());
-  shape[shape.size() - 2] = height;
-  shape[shape.size() - 1] = width;
-  at::Tensor out = at::empty(shape, g.options());
+  at::Tensor out = at::empty(with_plane(g.sizes(), height, width), g.options());
   const int64_t planes = out.numel() / (height * width);
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "max_pool2x2_scatter", [&] {
     const scalar_t* gp = g.data_ptr<scalar_t>();
@@ -332,9 +335,7 @@ at::Tensor max_pool2x2_scatter_cpu(const at::Tensor& g_in, const at::Tensor& cod
 at::Tensor max_pool2x2_gather_cpu(const at::Tensor& src_in, const at::Tensor& code_in) {
   check_float_cpu(src_in, "src");
   const int64_t h = src_in.size(-2), w = src_in.size(-1);
-  std::vector<int64_t> shape(src_in.sizes().begin(), src_in.sizes().end());
-  shape[shape.size() - 2] = h / 2;
-  shape[shape.size() - 1] = w / 2;
+  const std::vector<int64_t> shape = with_plane(src_in.sizes(), h / 2, w / 2);
   check_code(code_in, shape);
   const at::Tensor src = src_in.contiguous(), code = code_in.contiguous();
   at::Tensor out = at::empty(shape, src.options());

@@ -62,7 +62,7 @@ class _Scatter(torch.autograd.Function):
         ctx.save_for_backward(code)
         ctx.save_for_forward(code)
         ctx.in_hw = in_hw
-        return torch.ops.fastmaml.max_pool2x2_scatter(grad.contiguous(), code, *in_hw)
+        return torch.ops.fastmaml.max_pool2x2_scatter(grad, code, *in_hw)
 
     @staticmethod
     def backward(ctx, g):
@@ -83,7 +83,7 @@ class _Gather(torch.autograd.Function):
         ctx.save_for_backward(code)
         ctx.save_for_forward(code)
         ctx.in_hw = tuple(src.shape[-2:])
-        return torch.ops.fastmaml.max_pool2x2_gather(src.contiguous(), code)
+        return torch.ops.fastmaml.max_pool2x2_gather(src, code)
 
     @staticmethod
     def backward(ctx, g):
