@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import fastmaml
 from fastmaml.bench import __main__ as suite
 from fastmaml.bench import heads as bench_heads
 from fastmaml.bench import inner_update as bench_inner
@@ -189,3 +190,19 @@ def test_thin_product_rows_compare_the_kernel_with_bmm():
     lines = summarize({"heads": rows})
     assert [ln["case"] for ln in lines] == ["task_matmul_nt T=2 m=7 d=40 c=3", "task_matmul_tn T=2 m=7 d=40 c=3"]
     assert all(ln["baseline"] == "bmm" and ln["speedup"] > 0 for ln in lines)
+
+
+@pytest.mark.skipif(not fastmaml.HAS_NATIVE, reason="compiled module not built")
+def test_layer_rows_compare_the_kernels_with_torchs_ops():
+    from fastmaml.bench import meta as bench_meta
+    from fastmaml.bench.summary import summarize
+
+    rows = bench_meta.run_layers(((3, 4, 10, 12),), 1, {})
+    assert {(r["op"], r["mode"], r["provider"]) for r in rows} == {
+        (op, mode, p) for op in ("max_pool 2x2", "relu") for mode in ("forward", "fwd+bwd") for p in ("torch", "fastmaml")}
+    assert all(r["check"] == "ok" and r["max_abs_diff"] == 0.0 for r in rows)  # exact, not close
+    saved = {(r["op"], r["provider"]): r["saved_mb"] for r in rows if r["mode"] == "forward"}
+    assert saved[("relu", "fastmaml")] < saved[("relu", "torch")] / 8  # bits instead of floats
+    assert saved[("max_pool 2x2", "fastmaml")] < saved[("max_pool 2x2", "torch")]
+    lines = [line for line in summarize({"meta": rows}) if "fwd+bwd" in line["case"]]
+    assert len(lines) == 2 and all(line["baseline"] == "torch" for line in lines)

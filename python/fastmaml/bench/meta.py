@@ -5,6 +5,9 @@ Workloads (the issue's):
   B: conv4 (32 filters, BN) on 3x84x84, 5-way 1-shot, 15 query per class, T = 4, lr 0.01.
   C: sinusoid MLP 1-40-40-1, 10 support and 10 query points, 1 inner step, T = 25 and 1000.
   hvp: HVPs of the conv4 (A) support loss at per-task points, as a multiple of one batched gradient.
+  layers: the CPU kernels for the network's own layers against torch's ops, alone, on conv4
+      activation shapes: max_pool2x2 vs F.max_pool2d and relu_bitmask vs torch.relu, forward and
+      forward + backward, with the bytes autograd saves for the backward.
 
 Providers of the second-order meta-gradient (d mean_t L_query / d theta):
   loop_autograd   baseline: per-task loop, torch.autograd.grad(create_graph=True) (learn2learn pattern)
@@ -77,15 +80,15 @@ PEERS = {"higher": "higher", "learn2learn": "learn2learn"}  # provider -> module
 # What each level of the suite runs: quick is a smoke run (about a minute), standard the default
 # (a few minutes on 2 cores), full every size of the issue (about 40 minutes on 2 cores).
 LEVELS = {
-    "quick": dict(workloads=("hvp", "C", "A"), c_tasks=(1000,), a_steps=(1,), b_steps=(), memory=False,
+    "quick": dict(workloads=("layers", "hvp", "C", "A"), c_tasks=(1000,), a_steps=(1,), b_steps=(), memory=False,
                   memory_workloads=(), memory_providers=None, curve_steps=(), repeats=2, c_repeats=3, hvp_repeats=3),
     # standard: each peak-memory run is a fresh process (~4 s of start-up), so only the conv
     # workloads and the providers the memory claims are about get one
-    "standard": dict(workloads=("hvp", "C", "A", "B"), c_tasks=(25, 1000), a_steps=(1, 5), b_steps=(5,),
+    "standard": dict(workloads=("layers", "hvp", "C", "A", "B"), c_tasks=(25, 1000), a_steps=(1, 5), b_steps=(5,),
                      memory=True, memory_workloads=("A", "B"),
                      memory_providers=("loop_autograd", "func_vmap", "higher", "fastmaml_exact"),
                      curve_steps=(2, 10), repeats=2, c_repeats=5, hvp_repeats=3),
-    "full": dict(workloads=("hvp", "C", "A", "B"), c_tasks=(25, 1000), a_steps=(1, 5, 10, 20), b_steps=(5, 20),
+    "full": dict(workloads=("layers", "hvp", "C", "A", "B"), c_tasks=(25, 1000), a_steps=(1, 5, 10, 20), b_steps=(5, 20),
                  memory=True, memory_workloads=("A", "B", "C"), memory_providers=None,
                  curve_steps=tuple(range(1, 21)), repeats=3, c_repeats=15, hvp_repeats=7),
 }
@@ -453,11 +456,71 @@ def run_hvp(tasks: int, repeats: int, env, device="cpu") -> list[dict]:
     return rows
 
 
+# Activation shapes of conv4: the first block's query activations of B and A, and A's support.
+LAYER_SHAPES = ((75, 32, 84, 84), (75, 64, 28, 28), (5, 64, 28, 28))
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves for the backward of ``fn()``."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def run_layers(shapes, repeats: int, env, device="cpu") -> list[dict]:
+    """fastmaml's CPU kernels for the network's own layers against torch's ops, alone.
+
+    For each shape: max-pool 2x2 (``max_pool2x2`` vs ``F.max_pool2d``) and relu (``relu_bitmask``
+    vs ``torch.relu``), forward and forward + backward (one ``autograd.grad`` with a random output
+    gradient), the bytes autograd keeps for the backward, and the largest difference of the
+    outputs / input gradients from torch's (the kernels are exact: anything but 0 fails).
+    On devices other than the CPU only torch's rows are meaningful: the kernels fall back to it.
+    """
+    from ..ops.max_pool import max_pool2x2
+    from ..ops.relu import relu_bitmask
+
+    ops = {"max_pool 2x2": (lambda x: F.max_pool2d(x, 2), lambda x: max_pool2x2(x)),
+           "relu": (torch.relu, lambda x: relu_bitmask(x))}
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for shape in shapes:
+        x = torch.randn(shape, generator=gen).to(device)
+        for op, (torch_fn, ours_fn) in ops.items():
+            xg = x.clone().requires_grad_()
+            g = torch.randn(torch_fn(x).shape, generator=gen).to(device)
+            results, times = {}, {}
+            for provider, fn in (("torch", torch_fn), ("fastmaml", ours_fn)):
+                results[provider] = (fn(x), torch.autograd.grad(fn(xg), xg, g)[0])
+                times[(provider, "forward")] = time_wall_and_cpu(lambda: fn(x), repeats, device=device)
+                times[(provider, "fwd+bwd")] = time_wall_and_cpu(
+                    lambda: torch.autograd.grad(fn(xg), xg, g), repeats, device=device)
+                times[(provider, "saved")] = _saved_bytes(lambda: fn(xg)) / 2**20
+            diff = max(float((a - b).abs().max()) for a, b in zip(results["fastmaml"], results["torch"]))
+            for mode in ("forward", "fwd+bwd"):
+                for provider in ("torch", "fastmaml"):
+                    t = times[(provider, mode)]
+                    ok = provider == "torch" or diff == 0.0
+                    rows.append({**env, "workload": "layers", "op": op, "shape": "x".join(map(str, shape)),
+                                 "mode": mode, "provider": provider, **t, "saved_mb": times[(provider, "saved")],
+                                 "max_abs_diff": 0.0 if provider == "torch" else diff,
+                                 "check": "ok" if ok else "FAILED",
+                                 "speedup_vs_fastest_baseline": (times[("torch", mode)]["median_ms"] / t["median_ms"]
+                                                                 if ok else float("nan")),
+                                 "fastest_baseline": "torch", "note": ""})
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m fastmaml.bench.meta", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_level_options(parser)
-    parser.add_argument("--workload", choices=["A", "B", "C", "hvp", "all"], action="append",
+    parser.add_argument("--workload", choices=["A", "B", "C", "hvp", "layers", "all"], action="append",
                         help="repeatable; default: those of the level")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=1,
@@ -478,7 +541,7 @@ def main(argv=None) -> list[dict]:
     level = LEVELS[args.level]
     workloads = args.workload or list(level["workloads"])
     if "all" in workloads:
-        workloads = ["hvp", "C", "A", "B"]
+        workloads = ["layers", "hvp", "C", "A", "B"]
     torch.set_num_threads(args.threads)
     env = environment(device)
     env["threads"] = torch.get_num_threads()
@@ -496,7 +559,14 @@ def main(argv=None) -> list[dict]:
     print(f"meta-gradient benchmark ({args.level}): {env['device']}, torch {env['torch']}, commit {env['commit']}, "
           f"{env['threads']} threads, float32" + ("; peak memory = CUDA allocator peak" if device.type == "cuda" else ""))
     for wl in workloads:
-        if wl == "hvp":
+        if wl == "layers":
+            rows = run_layers(LAYER_SHAPES, level["hvp_repeats"], env, device)
+            print_table(rows, [("op", "op", "s"), ("shape", "shape", "s"), ("mode", "mode", "s"),
+                               ("provider", "provider", "s"), ("median_ms", "median ms", ".2f"),
+                               ("p25_ms", "p25", ".2f"), ("p75_ms", "p75", ".2f"), ("saved_mb", "saved MB", ".1f"),
+                               ("max_abs_diff", "max |diff|", ".1e"), ("check", "check", "s"),
+                               ("speedup_vs_fastest_baseline", "speed-up", ".2f"), ("note", "note", "s")])
+        elif wl == "hvp":
             rows = run_hvp(8, level["hvp_repeats"], env, device)
             print_table(rows, [("provider", "HVP of the conv4 support loss (T=8)", "s"),
                                ("median_ms", "median ms", ".1f"), ("p25_ms", "p25", ".1f"), ("p75_ms", "p75", ".1f"),
@@ -538,6 +608,7 @@ def main(argv=None) -> list[dict]:
 
 
 _CSV_FIELDS = ("date", "run_id", "commit", "device", "torch", "fastmaml", "python", "threads", "level", "workload", "tasks", "steps", "provider", "kind",
+               "op", "shape", "mode", "saved_mb", "max_abs_diff",
                "median_ms", "p25_ms", "p75_ms", "n", "peak_extra_mb", "rel_err_vs_f64", "err_bound", "check",
                "speedup_vs_fastest_baseline", "fastest_baseline", "cpu_ms", "cpu_speedup_vs_fastest_baseline", "x_gradient",
                "cpu_x_gradient", "gflop", "flop_speedup", "flop_x_gradient", "note")

@@ -72,6 +72,14 @@ def meta_lines(rows: list[dict]) -> list[dict]:
             speed = _num(base["median_ms"]) / _num(r["median_ms"]) if base else math.nan
             lines.append(_line("meta", f"HVP conv4 T=8: {r['provider']} = {_num(r['x_gradient']):.2f}x a gradient",
                                {**r, "check": check}, base, speedup=speed, memory=f"rel err {err:.0e}"))
+    for r in rows:  # the CPU kernels of the network's own layers, alone, against torch's ops
+        if r.get("workload") == "layers" and r["provider"] == "fastmaml" and r.get("mode") == "fwd+bwd":
+            base = next((b for b in rows if b.get("workload") == "layers" and b["provider"] == "torch"
+                         and all(b.get(k) == r.get(k) for k in ("op", "shape", "mode"))), None)
+            memory = (f"saves {_num(r.get('saved_mb')):.1f} MB vs {_num((base or {}).get('saved_mb')):.1f} MB"
+                      if base else "")
+            lines.append(_line("meta", f"{r['op']} {r['shape']} fwd+bwd", r, base,
+                               speedup=_num(r.get("speedup_vs_fastest_baseline")), memory=memory))
     keys = sorted({(r["workload"], int(r["tasks"]), int(r["steps"])) for r in rows
                    if r.get("workload") in ("A", "B", "C") and r.get("kind", "") != "memory_curve"})
     for workload, tasks, steps in keys:
