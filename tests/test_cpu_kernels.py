@@ -14,6 +14,7 @@ from torch import nn
 
 import fastmaml
 from fastmaml.ops import max_pool as mp
+from fastmaml.ops import cpu_kernels as ck
 from fastmaml.ops import relu as rl
 from fastmaml.ops.cpu_kernels import cpu_kernels, stock_kernels
 
@@ -54,7 +55,7 @@ def test_routes_exactly_the_max_pools_the_kernel_computes(routed):
 
 @native
 def test_routes_out_of_place_relus_that_need_a_gradient(routed):
-    x = torch.randn(4, 6, requires_grad=True)
+    x = torch.randn(ck.RELU_MIN_ELEMENTS, requires_grad=True)
     for fn in (lambda: F.relu(x), lambda: nn.ReLU()(x), lambda: torch.relu(x), lambda: x.relu()):
         with cpu_kernels():
             got = fn()
@@ -63,6 +64,7 @@ def test_routes_out_of_place_relus_that_need_a_gradient(routed):
     y = torch.randn(4, 6)
     with cpu_kernels():
         F.relu(y)  # no gradient needed: torch's (nothing to save)
+        F.relu(x[:-1])  # below RELU_MIN_ELEMENTS: torch's (the Function's overhead outweighs the saving)
         with torch.no_grad():
             F.relu(x)
         z = x * 1
@@ -100,9 +102,10 @@ def _conv4_task(seed=0):
 @native
 @pytest.mark.parametrize("algorithm,kw", [("maml", {}), ("maml", {"reuse_last_step": False}),
                                           ("maml", {"keep_first_graph": True}), ("fomaml", {}), ("imaml", {})])
-def test_meta_gradients_are_bit_identical_with_the_kernels(routed, algorithm, kw):
+def test_meta_gradients_are_bit_identical_with_the_kernels(routed, monkeypatch, algorithm, kw):
     from fastmaml.meta import maml_loss
 
+    monkeypatch.setattr(ck, "RELU_MIN_ELEMENTS", 0)  # this small net's relus routed too
     net, support, query = _conv4_task()
     lr = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)  # a learnable step size too
     params = list(net.parameters()) + [lr]
@@ -123,7 +126,7 @@ def test_meta_gradients_are_bit_identical_with_the_kernels(routed, algorithm, kw
 
 
 @native
-def test_a_query_pass_keeps_less_with_the_kernels():
+def test_a_query_pass_keeps_less_with_the_kernels(monkeypatch):
     """What autograd saves for one conv4 query loss: torch's relu keeps its float output and its
     max-pool int64 indices; the kernels keep 1 bit and 1 byte."""
     net, _, (xq, yq) = _conv4_task()
@@ -144,6 +147,7 @@ def test_a_query_pass_keeps_less_with_the_kernels():
             F.cross_entropy(net(xq[0].float()), yq[0])
         return total
 
+    monkeypatch.setattr(ck, "RELU_MIN_ELEMENTS", 0)  # this small net's relus routed too
     with cpu_kernels():
         ours = saved_bytes()
     stock = saved_bytes()

@@ -8,7 +8,8 @@ every order), faster or in less memory:
   padding or dilation, no indices returned, on a contiguous ``[N, C, H, W]`` or ``[C, H, W]``
   tensor -> ``fastmaml.ops.max_pool.max_pool2x2`` (~15x faster forward here, 1-byte argmax);
 * ``F.relu`` / ``nn.ReLU`` / ``torch.relu`` / ``Tensor.relu`` (not in place) of a contiguous tensor
-  that needs a gradient -> ``fastmaml.ops.relu.relu_bitmask`` (saves 1 bit per element instead of its
+  of at least ``RELU_MIN_ELEMENTS`` elements that needs a gradient ->
+  ``fastmaml.ops.relu.relu_bitmask`` (saves 1 bit per element instead of its
   output).
 
 Only plain float32/float64 CPU tensors are routed, and nothing while a ``torch.func`` transform
@@ -33,6 +34,11 @@ from .relu import _ReluBits
 
 _enabled = contextvars.ContextVar("fastmaml_cpu_kernels", default=True)
 _RELUS = (F.relu, torch.relu, Tensor.relu)
+# Below this the autograd Function's overhead costs more than the saved memory is worth:
+# `python -m fastmaml.bench.meta --workload layers` (one thread) measured relu_bitmask fwd+bwd at
+# 0.56x torch's speed on [5, 64, 28, 28] (251k elements, 1 MB of saved floats) and 1.38x on
+# [75, 64, 28, 28] (3.8M); alone, 2^18 elements ran at 0.55x and 2^20 at 1.43x.
+RELU_MIN_ELEMENTS = 1 << 19
 
 
 def _pair_is(v, n) -> bool:
@@ -78,7 +84,8 @@ class _CPUKernelMode(TorchFunctionMode):
                     takes = _is_plain_relu(*args, **kwargs)
                 except TypeError:
                     takes = False
-                if takes and x.requires_grad and torch.is_grad_enabled() and plain_cpu_float(x) and x.is_contiguous():
+                if (takes and x.requires_grad and x.numel() >= RELU_MIN_ELEMENTS and torch.is_grad_enabled()
+                        and plain_cpu_float(x) and x.is_contiguous()):
                     return _ReluBits.apply(x)
         return func(*args, **kwargs)
 
