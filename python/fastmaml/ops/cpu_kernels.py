@@ -35,9 +35,9 @@ from .relu import _ReluBits
 _enabled = contextvars.ContextVar("fastmaml_cpu_kernels", default=True)
 _RELUS = (F.relu, torch.relu, Tensor.relu)
 # Below this the autograd Function's overhead costs more than the saved memory is worth:
-# `python -m fastmaml.bench.meta --workload layers` (one thread) measured relu_bitmask fwd+bwd at
-# 0.56x torch's speed on [5, 64, 28, 28] (251k elements, 1 MB of saved floats) and 1.38x on
-# [75, 64, 28, 28] (3.8M); alone, 2^18 elements ran at 0.55x and 2^20 at 1.43x.
+# `python -m fastmaml.bench.meta --workload layers` (one thread, two runs) measured relu_bitmask
+# fwd+bwd at 0.56-0.87x torch's speed on [5, 64, 28, 28] (251k elements, 1 MB of saved floats)
+# and 0.99x on [75, 32, 84, 84] (17M elements, 65 MB saved by torch, 2 MB here).
 RELU_MIN_ELEMENTS = 1 << 19
 
 

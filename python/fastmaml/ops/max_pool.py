@@ -1,10 +1,10 @@
 """2x2 max-pool with stride 2 on the CPU, differentiable to any order.
 
 The conv4 backbone of the meta-learning literature pools with ``nn.MaxPool2d(2)`` after every
-block. On the CPU build measured here the stock ``max_pool2d`` forward is ~20x slower than a relu
-over the same tensor, and it was ~20% of a second-order MAML step on conv4. The compiled kernel
-(``csrc/cpu/max_pool_cpu.cpp``) pools a ``[75, 32, 42, 42]`` float32 batch in 1.4 ms instead of 23
-(one thread), and keeps a one-byte argmax code per output instead of an 8-byte index.
+block. On the CPU build measured here the stock ``max_pool2d`` forward was ~20% of a second-order
+MAML step on conv4. The compiled kernel (``csrc/cpu/max_pool_cpu.cpp``) runs it 11-14x faster on
+conv4's activations (``python -m fastmaml.bench.meta --workload layers``, one thread) and keeps a
+one-byte argmax code per output instead of an 8-byte index.
 
 * ``max_pool2x2(x)``: the op, with autograd to any order (the backward is a scatter of the output
   gradient to the argmax entries, whose derivative is the matching gather, whose derivative is the

@@ -2,8 +2,9 @@
 
 ``torch.relu`` saves its float output for the backward (``threshold_backward``). In a conv4 MAML
 step the largest saved tensor of the query pass is the first block's relu output
-(``[75, 32, 84, 84]`` float32, 68 MB per task on workload B), alive until the backward reaches
-it. ``relu_bitmask`` keeps ``!(y <= 0)`` as packed bits instead (2 MB there): the backward is
+(``[75, 32, 84, 84]`` float32, 65 MB per task on workload B), alive until the backward reaches
+it. ``relu_bitmask`` keeps ``!(y <= 0)`` as packed bits instead (2 MB there; ``python -m
+fastmaml.bench.meta --workload layers``): the backward is
 ``where(bit, g, 0)``, which is linear in ``g`` with the same bits, so it is also its own
 derivative (the double backward of an inner step). The bit is torch's own test, so values and
 gradients are bit-identical to ``torch.relu``'s (reference: ``fastmaml.reference.relu``).
