@@ -44,6 +44,7 @@ go back to the OS instead of fragmenting the heap.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -163,14 +164,8 @@ def provider_fn(provider: str, net, loss_fn, support, query, num_steps: int, lr:
         return _higher_fn(net, loss_fn, support, query, num_steps, lr, params)
     if provider == "learn2learn":
         return _learn2learn_fn(net, loss_fn, support, query, num_steps, lr, params)
-    if provider == "fastmaml_stock_ops":
-        def run():
-            with stock_kernels():
-                return torch.autograd.grad(maml_loss(tm, support=support, query=query, num_steps=num_steps, lr=lr,
-                                                     check_finite=False, hvp_mode="exact"), params)
-
-        return run
     kw = {"fastmaml_exact": dict(hvp_mode="exact"),
+          "fastmaml_stock_ops": dict(hvp_mode="exact"),  # run inside stock_kernels() below
           "fastmaml_fwdrev": dict(hvp_mode="forward_over_reverse"),
           "fastmaml_stacked": dict(hvp_mode="exact", batching="stacked"),
           "fastmaml_vmap": dict(hvp_mode="exact", batching="vmap"),
@@ -179,8 +174,14 @@ def provider_fn(provider: str, net, loss_fn, support, query, num_steps: int, lr:
           "fastmaml_revrev": dict(hvp_mode="reverse_over_reverse"),
           "fastmaml_nolast": dict(hvp_mode="exact", reuse_last_step=False),
           "fastmaml_keepfirst": dict(hvp_mode="exact", keep_first_graph=True)}[provider]
-    return lambda: torch.autograd.grad(maml_loss(tm, support=support, query=query, num_steps=num_steps, lr=lr,
+    ops = stock_kernels if provider == "fastmaml_stock_ops" else contextlib.nullcontext
+
+    def run():
+        with ops():
+            return torch.autograd.grad(maml_loss(tm, support=support, query=query, num_steps=num_steps, lr=lr,
                                                  check_finite=False, **kw), params)
+
+    return run
 
 
 def _per_task_meta_grad(net, loss_fn, support, query, params, task_query_loss):
