@@ -41,6 +41,16 @@ TORCH_LIBRARY(fastmaml, m) {
   // bits uint8 [ceil(numel / 8)]; bitmask_select(g, bits) = where(bit, g, 0).
   m.def("relu_bitmask(Tensor x) -> (Tensor y, Tensor bits)");
   m.def("bitmask_select(Tensor g, Tensor bits) -> Tensor");
+  // Batch norm on batch statistics (training mode, what MAML's inner loop runs) over x [N, C, *],
+  // per channel over N and the trailing dims, and the two derivatives a second-order MAML step
+  // needs. mean and invstd = 1 / sqrt(biased var + eps) are float64 [C] whatever x's dtype.
+  //   backward:        gy -> (gx, gw, gb), the gradient through the batch statistics
+  //   double_backward: the gradient of <ggx, gx> + <ggw, gw> + <ggb, gb> w.r.t. (x, w, gy)
+  m.def("batch_norm_train(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor y, Tensor mean, Tensor invstd)");
+  m.def("batch_norm_train_backward(Tensor gy, Tensor x, Tensor weight, Tensor mean, Tensor invstd)"
+        " -> (Tensor gx, Tensor gw, Tensor gb)");
+  m.def("batch_norm_train_double_backward(Tensor ggx, Tensor ggw, Tensor ggb, Tensor gy, Tensor x, Tensor weight, "
+        "Tensor mean, Tensor invstd) -> (Tensor gx, Tensor gw, Tensor ggy)");
 }
 
 namespace py = pybind11;

@@ -221,7 +221,8 @@ def test_learner_api():
 
 
 def test_learner_updates_batch_norm_running_stats_like_the_module():
-    """learn2learn's clones share the BN buffers with the original: running stats move on every call."""
+    """learn2learn's clones share the BN buffers with the original: running stats move on every call
+    (by the same update as torch's; the compiled batch norm adds its sums in another order)."""
     torch.manual_seed(6)
     model = conv_bn()
     twin = conv_bn()
@@ -231,7 +232,7 @@ def test_learner_updates_batch_norm_running_stats_like_the_module():
     learner(xs)
     twin(xs)
     for name, buf in model.named_buffers():
-        torch.testing.assert_close(buf, dict(twin.named_buffers())[name], rtol=0, atol=0)
+        torch.testing.assert_close(buf, dict(twin.named_buffers())[name], rtol=1e-12, atol=1e-14)
     assert model[1].num_batches_tracked.item() == 1
 
 

@@ -1,11 +1,13 @@
-"""cpu_kernels(): where the engine runs a network's own max-pools and relus through fastmaml's kernels.
+"""cpu_kernels(): where the engine runs a network's own layers through fastmaml's kernels.
 
-Specification: inside ``cpu_kernels()`` exactly the calls the kernels compute identically are
-routed (2x2 / stride-2 max-pools of contiguous float CPU tensors; out-of-place relus of tensors
-that need a gradient), every other call (other pooling arguments, dtypes, layouts, in-place relu,
-torch.func transforms, ``stock_kernels()``, ``FASTMAML_BACKEND=reference``) runs torch's op; the
-meta-gradient engine's results are bit-identical with and without the kernels, and they reduce
-what a query pass keeps.
+Specification: inside ``cpu_kernels()`` exactly the calls the kernels compute are routed (2x2 /
+stride-2 max-pools of contiguous float CPU tensors; out-of-place relus of tensors that need a
+gradient; training-mode batch norm of float CPU tensors, running statistics updated as torch
+does), every other call (other pooling arguments, dtypes, layouts, in-place relu, eval-mode batch
+norm, torch.func transforms, forward AD, ``stock_kernels()``, ``FASTMAML_BACKEND=reference``) runs
+torch's op; the meta-gradient engine's results are bit-identical with and without the max-pool and
+relu kernels, agree to 1e-12 in float64 with the batch-norm kernels too (whose channel sums are
+added in another order), and the kernels reduce what a query pass keeps.
 """
 import pytest
 import torch
@@ -25,9 +27,10 @@ native = pytest.mark.skipif(not fastmaml.HAS_NATIVE, reason="compiled module not
 def routed(monkeypatch):
     """Records which kernel each routed call reached."""
     calls = []
-    pool, relu = mp._Pool.apply, rl._ReluBits.apply
+    pool, relu, bn = mp._Pool.apply, rl._ReluBits.apply, ck._bn.batch_norm_train_apply
     monkeypatch.setattr(mp._Pool, "apply", lambda x: calls.append("pool") or pool(x))
     monkeypatch.setattr(rl._ReluBits, "apply", lambda x: calls.append("relu") or relu(x))
+    monkeypatch.setattr(ck._bn, "batch_norm_train_apply", lambda *a: calls.append("batch_norm") or bn(*a))
     return calls
 
 
@@ -76,16 +79,71 @@ def test_routes_out_of_place_relus_that_need_a_gradient(routed):
 
 
 @native
+def test_routes_training_mode_batch_norm_and_updates_running_stats_as_torch(routed):
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 5, 5) * 2 + 1
+    w, b = torch.randn(4), torch.randn(4)
+
+    def close(got, want):
+        return torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+    taken = [lambda: F.batch_norm(x, None, None, w, b, training=True),
+             lambda: F.batch_norm(x, None, None, training=True, eps=1e-3),
+             lambda: nn.BatchNorm2d(4, track_running_stats=False)(x),
+             lambda: nn.BatchNorm1d(4)(x[:, :, 0]), lambda: nn.BatchNorm1d(4)(x[:, :, :, 0]),
+             lambda: F.batch_norm(x.double(), None, None, w.double(), b.double(), training=True)]
+    for fn in taken:
+        torch.manual_seed(1)
+        with cpu_kernels():
+            got = fn()
+        torch.manual_seed(1)
+        assert close(got, fn()) and routed == ["batch_norm"], fn
+        routed.clear()
+    # a layer that tracks running statistics: the same updates as torch's (unbiased variance, momentum)
+    ours, stock = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+    for _ in range(3):
+        with cpu_kernels():
+            ours(x)
+        stock(x)
+    assert routed == ["batch_norm"] * 3
+    assert close(ours.running_mean, stock.running_mean) and close(ours.running_var, stock.running_var)
+    assert ours.num_batches_tracked == stock.num_batches_tracked == 3
+    routed.clear()
+    cumulative, stock = nn.BatchNorm2d(4, momentum=None), nn.BatchNorm2d(4, momentum=None)  # cumulative average
+    for scale in (1.0, 3.0):
+        with cpu_kernels():
+            cumulative(x * scale)
+        stock(x * scale)
+    assert close(cumulative.running_var, stock.running_var)
+    routed.clear()
+    ours.eval()
+    with cpu_kernels():
+        ours(x)  # eval mode: normalised with the running statistics, torch's op
+        F.batch_norm(x.half(), None, None, training=True)  # dtype the kernels do not take
+        F.batch_norm(x, torch.zeros(4), torch.ones(4), w, b, training=False)
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            nn.BatchNorm1d(4)(torch.randn(1, 4))  # torch's own error
+        import torch.autograd.forward_ad as fwAD
+
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(x, torch.randn_like(x))
+            tangent = fwAD.unpack_dual(F.batch_norm(dual, None, None, w, b, training=True)).tangent
+        assert tangent is not None
+    assert not routed
+
+
+@native
 def test_transforms_stock_kernels_and_the_reference_backend_turn_routing_off(routed, monkeypatch):
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
     with cpu_kernels():  # under a torch.func transform: torch's ops (the Functions have no batching rules)
         torch.func.vmap(lambda t: F.max_pool2d(F.relu(t), 2))(x.detach())
         torch.func.grad(lambda t: F.max_pool2d(F.relu(t), 2).sum())(x.detach())
+        torch.func.vmap(lambda t: F.batch_norm(t, None, None, training=True))(x.detach().unsqueeze(0))
     with stock_kernels(), cpu_kernels():
-        F.max_pool2d(F.relu(x), 2)
+        F.max_pool2d(F.relu(F.batch_norm(x, None, None, training=True)), 2)
     monkeypatch.setenv("FASTMAML_BACKEND", "reference")
     with cpu_kernels():
-        F.max_pool2d(F.relu(x), 2)
+        F.max_pool2d(F.relu(F.batch_norm(x, None, None, training=True)), 2)
     assert not routed
 
 
@@ -99,30 +157,50 @@ def _conv4_task(seed=0):
     return net, (xs, ys), (xq, yq)
 
 
-@native
-@pytest.mark.parametrize("algorithm,kw", [("maml", {}), ("maml", {"reuse_last_step": False}),
-                                          ("maml", {"keep_first_graph": True}), ("fomaml", {}), ("imaml", {})])
-def test_meta_gradients_are_bit_identical_with_the_kernels(routed, monkeypatch, algorithm, kw):
+ENGINE_CASES = [("maml", {}), ("maml", {"reuse_last_step": False}), ("maml", {"keep_first_graph": True}),
+                ("fomaml", {}), ("imaml", {})]
+
+
+def _engine_meta_grads(algorithm, kw):
     from fastmaml.meta import maml_loss
 
-    monkeypatch.setattr(ck, "RELU_MIN_ELEMENTS", 0)  # this small net's relus routed too
     net, support, query = _conv4_task()
     lr = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)  # a learnable step size too
     params = list(net.parameters()) + [lr]
+    loss = maml_loss(net, F.cross_entropy, support, query, num_steps=3, lr=lr, algorithm=algorithm,
+                     batching="loop", **kw)
+    return torch.autograd.grad(loss, params, allow_unused=True)
 
-    def meta_grad():
-        loss = maml_loss(net, F.cross_entropy, support, query, num_steps=3, lr=lr, algorithm=algorithm,
-                         batching="loop", **kw)
-        return torch.autograd.grad(loss, params, allow_unused=True)
 
-    fast = meta_grad()
+@native
+@pytest.mark.parametrize("algorithm,kw", ENGINE_CASES)
+def test_meta_gradients_are_bit_identical_with_the_pool_and_relu_kernels(routed, monkeypatch, algorithm, kw):
+    monkeypatch.setattr(ck, "RELU_MIN_ELEMENTS", 0)  # this small net's relus routed too
+    monkeypatch.setattr(ck._bn, "kernel_takes", lambda *a: False)  # batch norm: torch's (not bit-identical)
+    fast = _engine_meta_grads(algorithm, kw)
     assert "pool" in routed and "relu" in routed  # the engine did run both kernels
     routed.clear()
     with stock_kernels():
-        stock = meta_grad()
+        stock = _engine_meta_grads(algorithm, kw)
     assert not routed
     for a, b in zip(fast, stock):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+@native
+@pytest.mark.parametrize("algorithm,kw", ENGINE_CASES)
+def test_meta_gradients_agree_in_float64_with_all_kernels(routed, monkeypatch, algorithm, kw):
+    monkeypatch.setattr(ck, "RELU_MIN_ELEMENTS", 0)
+    fast = _engine_meta_grads(algorithm, kw)
+    assert {"pool", "relu", "batch_norm"} <= set(routed)
+    routed.clear()
+    with stock_kernels():
+        stock = _engine_meta_grads(algorithm, kw)
+    assert not routed
+    scale = max(float(b.abs().max()) for b in stock if b is not None)
+    for a, b in zip(fast, stock):
+        # relative to the largest entry of all: the conv biases' exact gradients are 0 (BN removes them)
+        assert (a is None and b is None) or float((a - b).abs().max()) <= 1e-12 * scale
 
 
 @native

@@ -73,12 +73,12 @@ def meta_lines(rows: list[dict]) -> list[dict]:
             lines.append(_line("meta", f"HVP conv4 T=8: {r['provider']} = {_num(r['x_gradient']):.2f}x a gradient",
                                {**r, "check": check}, base, speedup=speed, memory=f"rel err {err:.0e}"))
     for r in rows:  # the CPU kernels of the network's own layers, alone, against torch's ops
-        if r.get("workload") == "layers" and r["provider"] == "fastmaml" and r.get("mode") == "fwd+bwd":
+        if r.get("workload") == "layers" and r["provider"] == "fastmaml" and r.get("mode") in ("fwd+bwd", "double bwd"):
             base = next((b for b in rows if b.get("workload") == "layers" and b["provider"] == "torch"
                          and all(b.get(k) == r.get(k) for k in ("op", "shape", "mode"))), None)
             memory = (f"saves {_num(r.get('saved_mb')):.1f} MB vs {_num((base or {}).get('saved_mb')):.1f} MB"
                       if base else "")
-            lines.append(_line("meta", f"{r['op']} {r['shape']} fwd+bwd", r, base,
+            lines.append(_line("meta", f"{r['op']} {r['shape']} {r['mode']}", r, base,
                                speedup=_num(r.get("speedup_vs_fastest_baseline")), memory=memory))
     keys = sorted({(r["workload"], int(r["tasks"]), int(r["steps"])) for r in rows
                    if r.get("workload") in ("A", "B", "C") and r.get("kind", "") != "memory_curve"})
@@ -95,8 +95,8 @@ def meta_lines(rows: list[dict]) -> list[dict]:
         lines.append(_line("meta", f"workload {workload} T={tasks} K={steps}", fast, base,
                            speedup=_num((fast or {}).get("speedup_vs_fastest_baseline")), memory=memory))
         stock = next((r for r in group if r["provider"] == "fastmaml_stock_ops"), None)
-        if stock is not None and workload in ("A", "B"):  # the same engine with torch's max-pool and relu
-            lines.append(_line("meta", f"workload {workload} T={tasks} K={steps} (torch's max-pool, relu)", stock,
+        if stock is not None and workload in ("A", "B"):  # the same engine with torch's layers
+            lines.append(_line("meta", f"workload {workload} T={tasks} K={steps} (torch's max-pool, relu, batch norm)", stock,
                                base, speedup=_num(stock.get("speedup_vs_fastest_baseline"))))
     return lines
 

@@ -10,9 +10,13 @@ from .._extension import has_native_device
 from ..backend import ENV_VAR
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
 def plain_cpu_float(x: Tensor) -> bool:
-    """A plain (no subclass, no ``torch.func`` transform active) float32/float64 CPU tensor."""
-    return (type(x) is Tensor and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    """A plain (no subclass but ``nn.Parameter``, no ``torch.func`` transform active) float32/float64
+    CPU tensor."""
+    return (type(x) in _PLAIN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             and torch._C._functorch.peek_interpreter_stack() is None)
 
 

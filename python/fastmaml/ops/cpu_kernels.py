@@ -1,8 +1,9 @@
 """Where the engine runs the network's own layers through fastmaml's CPU kernels.
 
-Inside ``cpu_kernels()`` (a ``TorchFunctionMode``), two kinds of calls of any model are routed to
-compiled kernels that compute exactly what torch computes (bit-identical values and gradients of
-every order), faster or in less memory:
+Inside ``cpu_kernels()`` (a ``TorchFunctionMode``), three kinds of calls of any model are routed to
+compiled kernels, faster or in less memory. The first two compute exactly what torch computes
+(bit-identical values and gradients of every order); batch norm computes the same arithmetic with
+the channel sums in another order (float64 within ~1e-15, float32 ~2e-7 relative of torch's):
 
 * ``F.max_pool2d`` / ``nn.MaxPool2d`` / ``torch.max_pool2d`` with 2x2 windows, stride 2, no
   padding or dilation, no indices returned, on a contiguous ``[N, C, H, W]`` or ``[C, H, W]``
@@ -10,7 +11,10 @@ every order), faster or in less memory:
 * ``F.relu`` / ``nn.ReLU`` / ``torch.relu`` / ``Tensor.relu`` (not in place) of a contiguous tensor
   of at least ``RELU_MIN_ELEMENTS`` elements that needs a gradient ->
   ``fastmaml.ops.relu.relu_bitmask`` (saves 1 bit per element instead of its
-  output).
+  output);
+* ``F.batch_norm`` / ``nn.BatchNorm*d`` in training mode (batch statistics: what MAML's inner loop
+  runs) -> ``fastmaml.ops.batch_norm`` (its double backward ~70x faster than torch's here; running
+  statistics, when the layer tracks them, updated as torch does).
 
 Only plain float32/float64 CPU tensors are routed, and nothing while a ``torch.func`` transform
 (vmap, grad, jvp) is active; every other call runs torch's own op unchanged. The meta-gradient
@@ -29,6 +33,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from ._native_cpu import native_available, plain_cpu_float
+from . import batch_norm as _bn
 from .max_pool import _Pool, kernel_takes
 from .relu import _ReluBits
 
@@ -63,10 +68,28 @@ def _is_plain_relu(input, inplace=False) -> bool:
     return inplace is False
 
 
+def _batch_norm_call(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                     eps=1e-5):
+    """The kernels' result for an ``F.batch_norm`` call they take, else None."""
+    if not training or momentum is None or not _bn.kernel_takes(input, weight, bias):
+        return None
+    if (running_mean is None) != (running_var is None):
+        return None
+    if running_mean is not None and not all(
+            type(t) is Tensor and t.device.type == "cpu" and t.is_floating_point() and t.shape == (input.shape[1],)
+            for t in (running_mean, running_var)):
+        return None
+    y, mean, invstd = _bn.batch_norm_train_apply(input, weight, bias, eps)
+    if running_mean is not None:
+        _bn.update_running_stats(running_mean, running_var, mean, invstd, input.numel() // input.shape[1],
+                                 momentum, eps)
+    return y
+
+
 class _CPUKernelMode(TorchFunctionMode):
-    def __init__(self, pool: bool, relu: bool):
+    def __init__(self, pool: bool, relu: bool, batch_norm: bool = False):
         super().__init__()
-        self.pool, self.relu = pool, relu
+        self.pool, self.relu, self.batch_norm = pool, relu, batch_norm
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -87,6 +110,13 @@ class _CPUKernelMode(TorchFunctionMode):
                 if (takes and x.requires_grad and x.numel() >= RELU_MIN_ELEMENTS and torch.is_grad_enabled()
                         and plain_cpu_float(x) and x.is_contiguous()):
                     return _ReluBits.apply(x)
+            elif self.batch_norm and func is F.batch_norm:
+                try:
+                    y = _batch_norm_call(*args, **kwargs)
+                except TypeError:
+                    y = None
+                if y is not None:
+                    return y
         return func(*args, **kwargs)
 
 
@@ -97,7 +127,8 @@ def cpu_kernels():
     if not _enabled.get():
         return contextlib.nullcontext()
     pool, relu = native_available("max_pool2x2"), native_available("relu_bitmask")
-    return _CPUKernelMode(pool, relu) if pool or relu else contextlib.nullcontext()
+    batch_norm = native_available("batch_norm_train")
+    return _CPUKernelMode(pool, relu, batch_norm) if pool or relu or batch_norm else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
