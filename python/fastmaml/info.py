@@ -61,7 +61,8 @@ def main() -> None:
     if "triton" in info["ops"].get("svm_crammer_singer_solve", {}).values():
         print("    (the Triton SVM solver takes n <= 32 support points and n_way <= 8; larger tasks: reference)")
     print("    (task_matmul: the compiled kernel for float32/float64 with <= 16 classes, else torch.bmm)")
-    print("    (max_pool2x2, relu_bitmask: the engine's per-task passes route a model's 2x2 max-pools and relus to")
+    print("    (max_pool2x2, relu_bitmask, batch_norm_train: the engine's per-task passes route a model's 2x2")
+    print("     max-pools, relus and training-mode batch norms to")
     print("     them on the CPU, fastmaml.ops.cpu_kernels; on GPUs torch's ops run)")
 
 

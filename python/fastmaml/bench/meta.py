@@ -6,8 +6,9 @@ Workloads (the issue's):
   C: sinusoid MLP 1-40-40-1, 10 support and 10 query points, 1 inner step, T = 25 and 1000.
   hvp: HVPs of the conv4 (A) support loss at per-task points, as a multiple of one batched gradient.
   layers: the CPU kernels for the network's own layers against torch's ops, alone, on conv4
-      activation shapes: max_pool2x2 vs F.max_pool2d and relu_bitmask vs torch.relu, forward and
-      forward + backward, with the bytes autograd saves for the backward.
+      activation shapes: max_pool2x2 vs F.max_pool2d, relu_bitmask vs torch.relu and
+      batch_norm_train vs F.batch_norm (training mode), forward and forward + backward (batch norm
+      also its double backward), with the bytes autograd saves for the backward.
 
 Providers of the second-order meta-gradient (d mean_t L_query / d theta):
   loop_autograd   baseline: per-task loop, torch.autograd.grad(create_graph=True) (learn2learn pattern)
@@ -23,9 +24,9 @@ Providers of the second-order meta-gradient (d mean_t L_query / d theta):
                   before the fused MLP path
   fastmaml_nolast, fastmaml_keepfirst (on request): fastmaml_exact with reuse_last_step=False (every
                   HVP recomputes its support pass, as before) / with keep_first_graph=True
-  fastmaml_stock_ops  fastmaml_exact with torch's own max-pool and relu (``stock_kernels()``): what the
-                  engine's compiled max-pool / relu kernels contribute on the conv workloads (identical
-                  results)
+  fastmaml_stock_ops  fastmaml_exact with torch's own max-pool, relu and batch norm (``stock_kernels()``):
+                  what the engine's compiled layer kernels contribute on the conv workloads (the same
+                  results; batch norm's channel sums are added in another order)
   fastmaml_fd64   maml_loss(hvp_mode="fd_central", fd_dtype=float64)
   fastmaml_fd32   maml_loss(hvp_mode="fd_forward") in float32 (reuses the saved gradients)
 

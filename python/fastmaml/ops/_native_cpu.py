@@ -1,4 +1,4 @@
-"""What the compiled CPU kernels of the network's layers (max-pool, relu) can take."""
+"""What the compiled CPU kernels of the network's layers (max-pool, relu, batch norm) can take."""
 from __future__ import annotations
 
 import os
