@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Iterable, Optional
 
-HVP_HEADLINES = ("exact forward_over_reverse", "fd_forward float32 (saved grad)", "fd_central float64 eval")
+HVP_HEADLINES = ("exact forward_over_reverse", "exact (per-task loop, layer kernels)", "fd_forward float32 (saved grad)", "fd_central float64 eval")
 HVP_ERR_BOUND = 1e-3  # relative to the float64 exact HVP; a looser HVP is reported FAILED
 COLUMNS = ("family", "case", "fastmaml", "fastmaml_ms", "baseline", "baseline_ms", "speedup", "memory", "check")
 
