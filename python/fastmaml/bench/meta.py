@@ -446,6 +446,8 @@ def run_hvp(tasks: int, repeats: int, env, device="cpu") -> list[dict]:
                                                                          batching="loop")[1], False),
         "exact (per-task loop, layer kernels)": (lambda: hvp(tm.task_loss, phi, v, xs, ys, mode="exact",
                                                              batching="loop")[0], True),
+        "fd_forward float32 (per-task loop, layer kernels)": (
+            lambda: hvp(tm.task_loss, phi, v, xs, ys, mode="fd_forward", saved_grad=g, batching="loop")[0], True),
     }
     rows = []
     for name, (fn, is_hvp) in progress(cases.items(), "hvp", total=len(cases)):
