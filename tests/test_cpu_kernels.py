@@ -90,7 +90,7 @@ def test_routes_training_mode_batch_norm_and_updates_running_stats_as_torch(rout
     taken = [lambda: F.batch_norm(x, None, None, w, b, training=True),
              lambda: F.batch_norm(x, None, None, training=True, eps=1e-3),
              lambda: nn.BatchNorm2d(4, track_running_stats=False)(x),
-             lambda: nn.BatchNorm1d(4)(x[:, :, 0]), lambda: nn.BatchNorm1d(4)(x[:, :, :, 0]),
+             lambda: nn.BatchNorm1d(4)(x[:, :, 0].contiguous()), lambda: nn.BatchNorm1d(4)(x[:, :, :, 0].contiguous()),
              lambda: F.batch_norm(x.double(), None, None, w.double(), b.double(), training=True)]
     for fn in taken:
         torch.manual_seed(1)
@@ -121,6 +121,8 @@ def test_routes_training_mode_batch_norm_and_updates_running_stats_as_torch(rout
         ours(x)  # eval mode: normalised with the running statistics, torch's op
         F.batch_norm(x.half(), None, None, training=True)  # dtype the kernels do not take
         F.batch_norm(x, torch.zeros(4), torch.ones(4), w, b, training=False)
+        cl = F.batch_norm(x.to(memory_format=torch.channels_last), None, None, w, b, training=True)
+        F.batch_norm(x[:, :, 0], None, None, w, b, training=True)  # not contiguous: torch's
         with pytest.raises(ValueError, match="more than 1 value per channel"):
             nn.BatchNorm1d(4)(torch.randn(1, 4))  # torch's own error
         import torch.autograd.forward_ad as fwAD
@@ -130,6 +132,7 @@ def test_routes_training_mode_batch_norm_and_updates_running_stats_as_torch(rout
             tangent = fwAD.unpack_dual(F.batch_norm(dual, None, None, w, b, training=True)).tangent
         assert tangent is not None
     assert not routed
+    assert cl.is_contiguous(memory_format=torch.channels_last)  # torch's batch norm keeps the layout
 
 
 @native

@@ -15,7 +15,7 @@ from ._extension import build_info
 OPS = {"task_axpby": "task_axpby", "task_dot": "task_dot", "inner_sgd_step": "task_axpby",
        "fd_perturb": "task_axpby", "fd_combine": "task_axpby", "svm_crammer_singer_solve": "svm_cs_ipm",
        "task_matmul_nt/tn (heads)": "task_matmul_nt", "max_pool2x2 (meta engine)": "max_pool2x2",
-       "relu_bitmask (meta engine)": "relu_bitmask"}
+       "relu_bitmask (meta engine)": "relu_bitmask", "batch_norm_train (meta engine)": "batch_norm_train"}
 
 
 def _version(dist: str) -> str:

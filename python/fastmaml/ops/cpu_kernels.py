@@ -13,7 +13,7 @@ the channel sums in another order (float64 within ~1e-15, float32 ~2e-7 relative
   ``fastmaml.ops.relu.relu_bitmask`` (saves 1 bit per element instead of its
   output);
 * ``F.batch_norm`` / ``nn.BatchNorm*d`` in training mode (batch statistics: what MAML's inner loop
-  runs) -> ``fastmaml.ops.batch_norm`` (its double backward ~70x faster than torch's here; running
+  runs) of a contiguous tensor -> ``fastmaml.ops.batch_norm`` (its double backward ~70x faster than torch's here; running
   statistics, when the layer tracks them, updated as torch does).
 
 Only plain float32/float64 CPU tensors are routed, and nothing while a ``torch.func`` transform
@@ -72,6 +72,8 @@ def _batch_norm_call(input, running_mean, running_var, weight=None, bias=None, t
                      eps=1e-5):
     """The kernels' result for an ``F.batch_norm`` call they take, else None."""
     if not training or momentum is None or not _bn.kernel_takes(input, weight, bias):
+        return None
+    if not input.is_contiguous():  # e.g. channels_last: torch's op keeps the layout, the kernel would not
         return None
     if (running_mean is None) != (running_var is None):
         return None
