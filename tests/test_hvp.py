@@ -162,3 +162,16 @@ def test_loop_batching_matches_vmap(mode):
     torch.testing.assert_close(a, b, rtol=tol, atol=tol)
     with pytest.raises(ValueError, match="batching"):
         hvp(tm.task_loss, phi, v, x, y, mode=mode, batching="threads")
+
+
+def test_auto_batching_choice_on_the_cpu():
+    """The "auto" batching: the per-task loop for image-like samples, few tasks or large per-task
+    batches (the loop runs the layer kernels and plain convs); vmap for many small non-image tasks."""
+    from fastmaml.meta.hvp import resolve_batching
+
+    images = torch.randn(64, 5, 1, 4, 4)
+    assert resolve_batching("auto", (images,)) == "loop"
+    assert resolve_batching("auto", (torch.randn(1000, 10, 1),)) == "vmap"
+    assert resolve_batching("auto", (torch.randn(8, 10, 1),)) == "loop"  # T <= 16
+    assert resolve_batching("auto", (torch.randn(100, 40, 3),)) == "loop"  # >= 32 samples per task
+    assert resolve_batching("vmap", (images,)) == "vmap"  # an explicit choice is kept

@@ -70,6 +70,13 @@ AUTO_LOOP_MIN_BATCH = 32
 # task) costs a few hundred microseconds of Python per task and call, and its double backward is
 # ~25% cheaper than vmap's jvp/vjp of grad on conv4 (A support, T = 8: 204 ms vs 264-269 ms).
 AUTO_LOOP_MAX_TASKS = 16
+# Per-task samples with this many dims or more ([N, C, H, W]: images, conv nets) are always looped
+# on the CPU: there the loop runs the network's max-pools, relus and batch norms on fastmaml's
+# kernels (fastmaml.ops.cpu_kernels, which vmap cannot use) and plain instead of grouped convs.
+# Conv4 A (5-image support sets, one thread): T = 32, 75 query images: loop 2666-2784 ms vs
+# 3407-3467 for "auto" with vmap'ed support passes (K = 1), 4431-4764 vs 5140-5395 (K = 3);
+# T = 64 with 5 query images: 1711 vs 5002-5018 ms.
+AUTO_LOOP_SAMPLE_DIMS = 3
 
 
 def resolve_batching(batching: str, task_args: Sequence[Tensor]) -> str:
@@ -87,7 +94,8 @@ def resolve_batching(batching: str, task_args: Sequence[Tensor]) -> str:
         # loop 4.4x slower than torch.func.vmap for the same second-order meta-gradient).
         return "vmap"
     big = first.dim() >= 2 and first.shape[1] >= AUTO_LOOP_MIN_BATCH
-    return "loop" if big or first.shape[0] <= AUTO_LOOP_MAX_TASKS else "vmap"
+    images = first.dim() >= 2 + AUTO_LOOP_SAMPLE_DIMS
+    return "loop" if big or images or first.shape[0] <= AUTO_LOOP_MAX_TASKS else "vmap"
 
 
 def choose_batching(batching: str, task_loss, params, fixed, task_args, shared: bool) -> str:
