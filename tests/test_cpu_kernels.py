@@ -5,9 +5,10 @@ stride-2 max-pools of contiguous float CPU tensors; out-of-place relus of tensor
 gradient; training-mode batch norm of float CPU tensors, running statistics updated as torch
 does), every other call (other pooling arguments, dtypes, layouts, in-place relu, eval-mode batch
 norm, torch.func transforms, forward AD, ``stock_kernels()``, ``FASTMAML_BACKEND=reference``) runs
-torch's op; the meta-gradient engine's results are bit-identical with and without the max-pool and
-relu kernels, agree to 1e-12 in float64 with the batch-norm kernels too (whose channel sums are
-added in another order), and the kernels reduce what a query pass keeps.
+torch's op; convolutions of data (no input gradient) take ``conv_fixed_input``; the
+meta-gradient engine's results are bit-identical with and without the max-pool, relu and
+convolution routes, agree to 1e-12 in float64 with the batch-norm kernels too (whose channel sums
+are added in another order), and the kernels reduce what a query pass keeps.
 """
 import pytest
 import torch
@@ -31,6 +32,8 @@ def routed(monkeypatch):
     monkeypatch.setattr(mp._Pool, "apply", lambda x: calls.append("pool") or pool(x))
     monkeypatch.setattr(rl._ReluBits, "apply", lambda x: calls.append("relu") or relu(x))
     monkeypatch.setattr(ck._bn, "batch_norm_train_apply", lambda *a: calls.append("batch_norm") or bn(*a))
+    conv = ck._conv._ConvFixedInput.apply
+    monkeypatch.setattr(ck._conv._ConvFixedInput, "apply", lambda *a: calls.append("conv") or conv(*a))
     return calls
 
 
@@ -135,18 +138,35 @@ def test_routes_training_mode_batch_norm_and_updates_running_stats_as_torch(rout
     assert cl.is_contiguous(memory_format=torch.channels_last)  # torch's batch norm keeps the layout
 
 
+def test_routes_convolutions_of_data_that_need_no_input_gradient(routed):
+    x = torch.randn(2, 3, 8, 8)
+    conv = nn.Conv2d(3, 3, 3, padding=1)
+    with cpu_kernels():
+        y = conv(x)  # the first layer: routed
+        assert routed == ["conv"] and torch.equal(y, F.conv2d(x, conv.weight, conv.bias, padding=1))
+        routed.clear()
+        conv(y)  # its input needs a gradient: torch's conv
+        F.conv2d(x, conv.weight.detach(), padding=1)  # nothing to differentiate
+        with torch.no_grad():
+            conv(x)
+        F.conv2d(x, conv.weight, padding="same")
+    assert not routed
+
+
 @native
 def test_transforms_stock_kernels_and_the_reference_backend_turn_routing_off(routed, monkeypatch):
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    w = torch.randn(3, 3, 3, 3, requires_grad=True)
     with cpu_kernels():  # under a torch.func transform: torch's ops (the Functions have no batching rules)
         torch.func.vmap(lambda t: F.max_pool2d(F.relu(t), 2))(x.detach())
+        torch.func.grad(lambda v: F.conv2d(x.detach(), v, padding=1).sum())(w.detach())
         torch.func.grad(lambda t: F.max_pool2d(F.relu(t), 2).sum())(x.detach())
         torch.func.vmap(lambda t: F.batch_norm(t, None, None, training=True))(x.detach().unsqueeze(0))
     with stock_kernels(), cpu_kernels():
-        F.max_pool2d(F.relu(F.batch_norm(x, None, None, training=True)), 2)
+        F.max_pool2d(F.relu(F.batch_norm(F.conv2d(x.detach(), w, padding=1), None, None, training=True)), 2)
     monkeypatch.setenv("FASTMAML_BACKEND", "reference")
     with cpu_kernels():
-        F.max_pool2d(F.relu(F.batch_norm(x, None, None, training=True)), 2)
+        F.max_pool2d(F.relu(F.batch_norm(F.conv2d(x.detach(), w, padding=1), None, None, training=True)), 2)
     assert not routed
 
 
@@ -177,11 +197,11 @@ def _engine_meta_grads(algorithm, kw):
 
 @native
 @pytest.mark.parametrize("algorithm,kw", ENGINE_CASES)
-def test_meta_gradients_are_bit_identical_with_the_pool_and_relu_kernels(routed, monkeypatch, algorithm, kw):
+def test_meta_gradients_are_bit_identical_with_the_pool_relu_and_conv_routes(routed, monkeypatch, algorithm, kw):
     monkeypatch.setattr(ck, "RELU_MIN_ELEMENTS", 0)  # this small net's relus routed too
     monkeypatch.setattr(ck._bn, "kernel_takes", lambda *a: False)  # batch norm: torch's (not bit-identical)
     fast = _engine_meta_grads(algorithm, kw)
-    assert "pool" in routed and "relu" in routed  # the engine did run both kernels
+    assert {"pool", "relu", "conv"} <= set(routed)  # the engine did run them
     routed.clear()
     with stock_kernels():
         stock = _engine_meta_grads(algorithm, kw)
@@ -195,7 +215,7 @@ def test_meta_gradients_are_bit_identical_with_the_pool_and_relu_kernels(routed,
 def test_meta_gradients_agree_in_float64_with_all_kernels(routed, monkeypatch, algorithm, kw):
     monkeypatch.setattr(ck, "RELU_MIN_ELEMENTS", 0)
     fast = _engine_meta_grads(algorithm, kw)
-    assert {"pool", "relu", "batch_norm"} <= set(routed)
+    assert {"pool", "relu", "batch_norm", "conv"} <= set(routed)
     routed.clear()
     with stock_kernels():
         stock = _engine_meta_grads(algorithm, kw)

@@ -1,9 +1,10 @@
 """Where the engine runs the network's own layers through fastmaml's CPU kernels.
 
-Inside ``cpu_kernels()`` (a ``TorchFunctionMode``), three kinds of calls of any model are routed to
-compiled kernels, faster or in less memory. The first two compute exactly what torch computes
-(bit-identical values and gradients of every order); batch norm computes the same arithmetic with
-the channel sums in another order (float64 within ~1e-15, float32 ~2e-7 relative of torch's):
+Inside ``cpu_kernels()`` (a ``TorchFunctionMode``), four kinds of calls of any model are routed to
+fastmaml's implementations, faster or in less memory. Max-pool, relu and the first convolution
+compute exactly what torch computes (bit-identical values and gradients); batch norm computes the
+same arithmetic with the channel sums in another order (float64 within ~1e-15, float32 ~2e-7
+relative of torch's):
 
 * ``F.max_pool2d`` / ``nn.MaxPool2d`` / ``torch.max_pool2d`` with 2x2 windows, stride 2, no
   padding or dilation, no indices returned, on a contiguous ``[N, C, H, W]`` or ``[C, H, W]``
@@ -13,8 +14,12 @@ the channel sums in another order (float64 within ~1e-15, float32 ~2e-7 relative
   ``fastmaml.ops.relu.relu_bitmask`` (saves 1 bit per element instead of its
   output);
 * ``F.batch_norm`` / ``nn.BatchNorm*d`` in training mode (batch statistics: what MAML's inner loop
-  runs) of a contiguous tensor -> ``fastmaml.ops.batch_norm`` (its double backward ~70x faster than torch's here; running
-  statistics, when the layer tracks them, updated as torch does).
+  runs) of a contiguous tensor -> ``fastmaml.ops.batch_norm`` (forward, backward and double backward
+  compiled; with forward and backward 5-7x torch's in the layers benchmark; running
+  statistics, when the layer tracks them, updated as torch does);
+* ``F.conv2d`` / ``nn.Conv2d`` of an input that needs no gradient (the first layer, on data) with a
+  weight that does -> ``fastmaml.ops.conv_fixed_input`` (torch's own convolution ops, bit-identical;
+  its double backward skips the input gradient torch's computes anyway).
 
 Only plain float32/float64 CPU tensors are routed, and nothing while a ``torch.func`` transform
 (vmap, grad, jvp) is active; every other call runs torch's own op unchanged. The meta-gradient
@@ -26,14 +31,17 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from ..backend import ENV_VAR
 from ._native_cpu import native_available, plain_cpu_float
 from . import batch_norm as _bn
+from . import conv_fixed_input as _conv
 from .max_pool import _Pool, kernel_takes
 from .relu import _ReluBits
 
@@ -68,6 +76,10 @@ def _is_plain_relu(input, inplace=False) -> bool:
     return inplace is False
 
 
+def _conv_args(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    return input, weight, bias, stride, padding, dilation, groups
+
+
 def _batch_norm_call(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
                      eps=1e-5):
     """The kernels' result for an ``F.batch_norm`` call they take, else None."""
@@ -89,9 +101,9 @@ def _batch_norm_call(input, running_mean, running_var, weight=None, bias=None, t
 
 
 class _CPUKernelMode(TorchFunctionMode):
-    def __init__(self, pool: bool, relu: bool, batch_norm: bool = False):
+    def __init__(self, pool: bool, relu: bool, batch_norm: bool = False, conv: bool = True):
         super().__init__()
-        self.pool, self.relu, self.batch_norm = pool, relu, batch_norm
+        self.pool, self.relu, self.batch_norm, self.conv = pool, relu, batch_norm, conv
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -112,6 +124,13 @@ class _CPUKernelMode(TorchFunctionMode):
                 if (takes and x.requires_grad and x.numel() >= RELU_MIN_ELEMENTS and torch.is_grad_enabled()
                         and plain_cpu_float(x) and x.is_contiguous()):
                     return _ReluBits.apply(x)
+            elif self.conv and func is F.conv2d and not x.requires_grad:
+                try:
+                    takes = _conv.takes(*args, **kwargs)
+                except TypeError:
+                    takes = False
+                if takes:
+                    return _conv._ConvFixedInput.apply(*_conv_args(*args, **kwargs))
             elif self.batch_norm and func is F.batch_norm:
                 try:
                     y = _batch_norm_call(*args, **kwargs)
@@ -130,7 +149,8 @@ def cpu_kernels():
         return contextlib.nullcontext()
     pool, relu = native_available("max_pool2x2"), native_available("relu_bitmask")
     batch_norm = native_available("batch_norm_train")
-    return _CPUKernelMode(pool, relu, batch_norm) if pool or relu or batch_norm else contextlib.nullcontext()
+    conv = os.environ.get(ENV_VAR) != "reference"  # torch's own ops, arranged differently: no compiled module needed
+    return _CPUKernelMode(pool, relu, batch_norm, conv) if pool or relu or batch_norm or conv else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
