@@ -3,8 +3,9 @@
 ``fastmaml.meta``: batched MAML / FOMAML / Reptile / iMAML meta-gradients and HVPs (front door
 ``fastmaml.meta.maml_loss`` and ``fastmaml.meta.MAML``). ``fastmaml.heads``: R2-D2 ridge, MetaOptNet
 SVM and ProtoNet heads on batched ridge and QP solvers. Top level: the fused multi-tensor ops, and
-``cpu_kernels()``, a context in which a model's 2x2 max-pools, relus and training-mode batch norms
-run on fastmaml's CPU kernels (the engine uses it, any autograd code can).
+``cpu_kernels()``, a context in which a model's 2x2 max-pools, relus, training-mode batch norms and
+convolutions of data run on fastmaml's CPU implementations (the engine uses it, any autograd code
+can).
 
 Every op has a pure-PyTorch reference (``fastmaml.reference``) and fast backends (C++ CPU, CUDA,
 Triton) chosen by one selector (``fastmaml.backend``). All ops take a batch of T tasks: tensors

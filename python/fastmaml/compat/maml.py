@@ -14,7 +14,8 @@ What differs from learn2learn's implementation (not its semantics):
 * The network runs inside ``fastmaml.ops.cpu_kernels()``: its 2x2 max-pools, relus and
   training-mode batch norms use fastmaml's CPU kernels (bit-identical max-pool and relu, faster
   max-pool, 1 bit saved per relu element; batch norm with a much faster double backward, equal up
-  to the order of its channel sums, running statistics updated as torch does).
+  to the order of its channel sums, running statistics updated as torch does; the first
+  convolution with a leaner double backward, bit-identical).
 * The update is one plain ``p - lr * g`` per tensor, as in learn2learn. (It was one fused
   ``fastmaml.inner_sgd_step`` call with a task dimension of 1; at T = 1 the fused op's argument
   checks and custom backward cost more than they save: 0.70x the plain loop's speed on a
