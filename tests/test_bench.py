@@ -122,6 +122,8 @@ def test_plot_writes_figures_from_the_latest_run(tmp_path):
         writer.writeheader()
         writer.writerows(rows)
     assert {r["run_id"] for r in plot.latest_run(plot.read_rows(tmp_path / "inner_update.csv"))} == {"run2"}
+    both = plot.latest_run(plot.read_rows(tmp_path / "inner_update.csv"), ["run1", "run2"])  # several runs together
+    assert {r["run_id"] for r in both} == {"run1", "run2"}
     written = plot.main(["--results", str(tmp_path), "--out", str(tmp_path / "fig")])
     assert [p.name for p in written] == ["bench_inner_update_vs_tasks.png"]
     assert written[0].stat().st_size > 10_000

@@ -1,7 +1,8 @@
 """Turn the benchmark CSVs into PNG figures: time and memory against tasks and against inner steps.
 
-Usage: ``python -m fastmaml.bench.plot [--results bench/results] [--out DIR] [--run-id ID]``.
-Without ``--run-id`` each family's most recent run is plotted. Needs matplotlib.
+Usage: ``python -m fastmaml.bench.plot [--results bench/results] [--out DIR] [--run-id ID ...]``.
+Without ``--run-id`` each family's most recent run is plotted; several ``--run-id`` plot those runs
+together (e.g. the separate commands of one commit's A/B measurements). Needs matplotlib.
 """
 from __future__ import annotations
 
@@ -21,12 +22,14 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def latest_run(rows: list[dict], run_id: str | None = None) -> list[dict]:
-    """The rows of one run: the given run id, else the newest (run id, or date for rows without one)."""
+def latest_run(rows: list[dict], run_id=None) -> list[dict]:
+    """The rows of one run: the given run id (or ids: a list), else the newest (run id, or date for
+    rows without one)."""
     if not rows:
         return []
     if run_id:  # a suite run's id, or the date stamp of a family run on its own
-        return [r for r in rows if run_id in (r.get("run_id"), r.get("date"))]
+        wanted = {run_id} if isinstance(run_id, str) else set(run_id)
+        return [r for r in rows if r.get("run_id") in wanted or r.get("date") in wanted]
     key = max((r.get("run_id") or "", r.get("date") or "") for r in rows)
     return [r for r in rows if (r.get("run_id") or "", r.get("date") or "") == key]
 
@@ -70,7 +73,8 @@ def _lines(ax, series, *, xlabel, ylabel, title, logx=False, logy=False):
 
 def _subtitle(rows) -> str:
     r = rows[0]
-    return f"{r.get('device', '')}, torch {r.get('torch', '')}, commit {r.get('commit', '')}"
+    commits = ", ".join(dict.fromkeys(x.get("commit", "") for x in rows))
+    return f"{r.get('device', '')}, torch {r.get('torch', '')}, commit {commits}"
 
 
 def _save(fig, plt, path: Path) -> Path:
@@ -168,8 +172,9 @@ def main(argv=None) -> list[Path]:
     parser = argparse.ArgumentParser(prog="python -m fastmaml.bench.plot", description=__doc__)
     parser.add_argument("--results", type=Path, default=None, help="folder with the CSVs (default bench/results)")
     parser.add_argument("--out", type=Path, default=None, help="where the PNGs go (default <results>/figures)")
-    parser.add_argument("--run-id", default=None,
-                        help="plot this run: a suite run id or a row's date stamp (default: each family's latest)")
+    parser.add_argument("--run-id", action="append", default=None,
+                        help="plot this run: a suite run id or a row's date stamp (default: each family's latest); "
+                             "repeat to plot several runs together")
     args = parser.parse_args(argv)
     try:
         import matplotlib
