@@ -195,24 +195,25 @@ def test_thin_product_rows_compare_the_kernel_with_bmm():
 
 
 @pytest.mark.skipif(not fastmaml.HAS_NATIVE, reason="compiled module not built")
-def test_layer_rows_compare_the_kernels_with_torchs_ops():
+def test_layer_rows_compare_the_kernels_with_torchs_ops(monkeypatch):
     from fastmaml.bench import meta as bench_meta
     from fastmaml.bench.summary import summarize
 
+    monkeypatch.setattr(bench_meta, "FIRST_CONV_SHAPES", (((2, 1, 8, 8), 4),))
     rows = bench_meta.run_layers(((3, 4, 10, 12),), 1, {})
     modes = {"max_pool 2x2": ("forward", "fwd+bwd"), "relu": ("forward", "fwd+bwd"),
-             "batch_norm train": ("forward", "fwd+bwd", "double bwd")}
+             "batch_norm train": ("forward", "fwd+bwd", "double bwd"), "first conv": ("fwd+bwd", "double bwd")}
     assert {(r["op"], r["mode"], r["provider"]) for r in rows} == {
         (op, mode, p) for op, ms in modes.items() for mode in ms for p in ("torch", "fastmaml")}
     assert all(r["check"] == "ok" for r in rows)
     exact = [r for r in rows if r["op"] != "batch_norm train"]
-    assert all(r["max_rel_diff"] == 0.0 for r in exact)  # max-pool and relu: exact, not close
+    assert all(r["max_rel_diff"] == 0.0 for r in exact)  # max-pool, relu, first conv: exact, not close
     bn = [r for r in rows if r["op"] == "batch_norm train" and r["provider"] == "fastmaml"]
     assert len(bn) == 3 and all(r["max_rel_diff"] <= 1e-5 for r in bn)  # float32, sums in another order
     saved = {(r["op"], r["provider"]): r["saved_mb"] for r in rows if r["mode"] == "forward"}
     assert saved[("relu", "fastmaml")] < saved[("relu", "torch")] / 8  # bits instead of floats
     assert saved[("max_pool 2x2", "fastmaml")] < saved[("max_pool 2x2", "torch")]
     lines = [line for line in summarize({"meta": rows}) if "bwd" in line["case"]]
-    assert [line["case"].split(" 3x4")[0] for line in lines] == ["max_pool 2x2", "relu", "batch_norm train",
-                                                                 "batch_norm train"]
+    assert [line["case"].split(" ")[0] for line in lines] == ["max_pool", "relu", "batch_norm", "batch_norm", "first",
+                                                              "first"]
     assert all(line["baseline"] == "torch" for line in lines)

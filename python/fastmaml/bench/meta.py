@@ -9,7 +9,8 @@ Workloads (the issue's):
   layers: the CPU kernels for the network's own layers against torch's ops, alone, on conv4
       activation shapes: max_pool2x2 vs F.max_pool2d, relu_bitmask vs torch.relu and
       batch_norm_train vs F.batch_norm (training mode), forward and forward + backward (batch norm
-      also its double backward), with the bytes autograd saves for the backward.
+      also its double backward), with the bytes autograd saves for the backward; and the first
+      convolution (data input) with conv2d_fixed_input vs F.conv2d, fwd+bwd and double backward.
 
 Providers of the second-order meta-gradient (d mean_t L_query / d theta):
   loop_autograd   baseline: per-task loop, torch.autograd.grad(create_graph=True) (learn2learn pattern)
@@ -497,6 +498,7 @@ def run_layers(shapes, repeats: int, env, device="cpu") -> list[dict]:
     difference of the outputs / input gradients from torch's, relative to torch's largest entry:
     max-pool and relu are exact (anything but 0 fails), batch norm adds its channel sums in another
     order (above 1e-5 in float32 fails).
+    Then the first convolution's route (``_first_conv_rows``).
     On devices other than the CPU only torch's rows are meaningful: the kernels fall back to it.
     """
     from ..ops.batch_norm import batch_norm_train
@@ -546,6 +548,54 @@ def run_layers(shapes, repeats: int, env, device="cpu") -> list[dict]:
                                  "speedup_vs_fastest_baseline": (times[("torch", mode)]["median_ms"] / t["median_ms"]
                                                                  if ok else float("nan")),
                                  "fastest_baseline": "torch", "note": ""})
+    return rows + _first_conv_rows(repeats, env, device)
+
+
+# conv4's first convolution on A's and B's support sets: (input shape, output channels)
+FIRST_CONV_SHAPES = (((5, 1, 28, 28), 64), ((5, 3, 84, 84), 32))
+
+
+def _first_conv_rows(repeats: int, env, device="cpu") -> list[dict]:
+    """The first convolution (input = data, 3x3, padding 1) with a tanh after it: ``F.conv2d``
+    against ``conv2d_fixed_input``, forward + backward (weight and bias gradients) and the double
+    backward (the gradient of <v, (gW, gb)> w.r.t. the weights and the output gradient); exact
+    (anything but 0 fails)."""
+    from ..ops.conv_fixed_input import conv2d_fixed_input
+
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for shape, c_out in FIRST_CONV_SHAPES:
+        x = torch.randn(shape, generator=gen).to(device)
+        w = torch.randn(c_out, shape[1], 3, 3, generator=gen).to(device).requires_grad_()
+        b = torch.randn(c_out, generator=gen).to(device).requires_grad_()
+        g = torch.randn(shape[0], c_out, shape[2], shape[3], generator=gen).to(device).requires_grad_()
+        vw, vb = torch.randn(w.shape, generator=gen).to(device), torch.randn(c_out, generator=gen).to(device)
+        convs = {"torch": lambda: torch.tanh(F.conv2d(x, w, b, padding=1)),
+                 "fastmaml": lambda: torch.tanh(conv2d_fixed_input(x, w, b, padding=1))}
+        results, times = {}, {}
+        for provider, fn in convs.items():
+            def fwd_bwd():
+                return torch.autograd.grad(fn(), (w, b), g)
+
+            def double_bwd():
+                gw, gb = torch.autograd.grad(fn(), (w, b), g, create_graph=True)
+                return torch.autograd.grad((gw, gb), (w, b, g), (vw, vb))
+
+            results[provider] = fwd_bwd() + double_bwd()
+            times[(provider, "fwd+bwd")] = time_wall_and_cpu(fwd_bwd, repeats, device=device)
+            times[(provider, "double bwd")] = time_wall_and_cpu(double_bwd, repeats, device=device)
+        diff = max(float((a - r).abs().max() / r.abs().max().clamp_min(1e-30))
+                   for a, r in zip(results["fastmaml"], results["torch"]))
+        for mode in ("fwd+bwd", "double bwd"):
+            for provider in ("torch", "fastmaml"):
+                t = times[(provider, mode)]
+                ok = provider == "torch" or diff == 0.0
+                rows.append({**env, "workload": "layers", "op": "first conv", "shape": "x".join(map(str, shape)) +
+                             f"->{c_out}", "mode": mode, "provider": provider, **t, "saved_mb": float("nan"),
+                             "max_rel_diff": 0.0 if provider == "torch" else diff, "check": "ok" if ok else "FAILED",
+                             "speedup_vs_fastest_baseline": (times[("torch", mode)]["median_ms"] / t["median_ms"]
+                                                             if ok else float("nan")),
+                             "fastest_baseline": "torch", "note": ""})
     return rows
 
 

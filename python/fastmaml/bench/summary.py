@@ -77,7 +77,7 @@ def meta_lines(rows: list[dict]) -> list[dict]:
             base = next((b for b in rows if b.get("workload") == "layers" and b["provider"] == "torch"
                          and all(b.get(k) == r.get(k) for k in ("op", "shape", "mode"))), None)
             memory = (f"saves {_num(r.get('saved_mb')):.1f} MB vs {_num((base or {}).get('saved_mb')):.1f} MB"
-                      if base else "")
+                      if base and not math.isnan(_num(r.get("saved_mb"))) else "")
             lines.append(_line("meta", f"{r['op']} {r['shape']} {r['mode']}", r, base,
                                speedup=_num(r.get("speedup_vs_fastest_baseline")), memory=memory))
     keys = sorted({(r["workload"], int(r["tasks"]), int(r["steps"])) for r in rows
