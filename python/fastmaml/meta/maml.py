@@ -25,10 +25,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import warnings
+
 import torch
 from torch import Tensor
 
 from ..ops.multi_tensor import task_axpby
+from .fd_guard import FD_OUTLIER_RATIO, FDGuard
 from .functional import TaskModel, check_losses_finite
 from .fused_mlp import LowRank, dense
 from .hvp import batched_grad, fused_plan, hvp, kept_graph_hvp, loop_grad_keep_graph, loop_last_step, resolve_batching
@@ -140,6 +143,7 @@ class MetaGradient(torch.autograd.Function):
         v_summed = False
         per_step = [_resolve_step(s, lr_tensors) for s in cfg.per_step]
         tm = cfg.task_model
+        guard = FDGuard() if cfg.hvp_mode in ("fd_forward", "fd_central") else None
         for k in range(len(ctx.history) - 1, -1, -1):
             phi_k, g_k, gf_k, shared_k = ctx.history[k]
             step = per_step[k]
@@ -179,6 +183,8 @@ class MetaGradient(torch.autograd.Function):
                     hv_a, hv_f = hvp(tm.task_loss, phi_k, u, *cfg.support, fixed=fixed, mode=cfg.hvp_mode,
                                      saved_grad=(g_k + gf_k) if ctx.fd_reuse else None, fd_dtype=cfg.fd_dtype,
                                      shared_params=shared_k, batching=cfg.batching, sum_tasks=summed)
+            if guard is not None and not summed:
+                _warn_fd_outliers(cfg, k, guard.check(hv_a, u))
             if summed:
                 v = [(vi.sum_tasks() if isinstance(vi, LowRank) else vi.sum(0)) - h
                      for vi, h in zip(v, hv_a)]  # sum_t (v - H u)
@@ -192,6 +198,17 @@ class MetaGradient(torch.autograd.Function):
                   if not tm.context else [])
         lr_out = [None if g is None else g.to(t.dtype) for g, t in zip(grad_lr, lr_tensors)]
         return (None, *grad_a, *grad_f, *lr_out)
+
+
+def _warn_fd_outliers(cfg, step: int, tasks: list[int]) -> None:
+    """Report finite-difference HVPs the guard flagged (``info["fd_suspect"]``: (step, task) pairs)."""
+    if not tasks:
+        return
+    cfg.info.setdefault("fd_suspect", []).extend((step, t) for t in tasks)
+    warnings.warn(f"hvp_mode={cfg.hvp_mode!r}: the finite-difference HVP at inner step {step} of task(s) {tasks} is "
+                  f"over {FD_OUTLIER_RATIO:.0f}x the curvature of the other HVPs of this call: a ReLU / max-pool "
+                  "kink was probably crossed, and those tasks' meta-gradients are unreliable; use hvp_mode='exact' "
+                  "(docs/meta.md, 'HVP modes')", RuntimeWarning, stacklevel=3)
 
 
 def _reuses_last_step(ctx, cfg: EngineConfig, phi0, fixed) -> bool:
