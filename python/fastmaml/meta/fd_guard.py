@@ -8,7 +8,8 @@ that much. Such a flip cannot be told from the differences themselves without on
 evaluation, but it stands out against the curvature of the other HVPs of the same backward pass.
 The guard keeps ``||H u_t|| / ||u_t||`` of every HVP it has accepted and flags a task whose ratio
 exceeds ``FD_OUTLIER_RATIO`` times the median of the others (this step's other tasks and all
-earlier HVPs; nothing is flagged before two other values exist).
+earlier HVPs; nothing is flagged before two other values exist); the engine then recomputes that
+task's HVP exactly and warns.
 """
 from __future__ import annotations
 

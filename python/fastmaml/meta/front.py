@@ -74,7 +74,8 @@ def maml_loss(model, loss_fn: Optional[Callable] = None, support=None, query=Non
         info: a dict filled with ``support_losses [K, T]`` and, after backward, iMAML's
             ``cg_iterations``, ``cg_task_iterations``, ``cg_residual``, ``cg_converged``; in the
             finite-difference HVP modes ``fd_suspect``: ``(step, task)`` pairs whose HVP looked like
-            a crossed ReLU / max-pool kink (also warned, ``fastmaml.meta.fd_guard``).
+            a crossed ReLU / max-pool kink and was recomputed exactly (also warned,
+            ``fastmaml.meta.fd_guard``).
 
     Returns:
         The reduced query loss (``[T]`` with ``reduction="none"``).

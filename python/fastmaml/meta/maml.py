@@ -183,8 +183,11 @@ class MetaGradient(torch.autograd.Function):
                     hv_a, hv_f = hvp(tm.task_loss, phi_k, u, *cfg.support, fixed=fixed, mode=cfg.hvp_mode,
                                      saved_grad=(g_k + gf_k) if ctx.fd_reuse else None, fd_dtype=cfg.fd_dtype,
                                      shared_params=shared_k, batching=cfg.batching, sum_tasks=summed)
-            if guard is not None and not summed:
-                _warn_fd_outliers(cfg, k, guard.check(hv_a, u))
+            if guard is not None and not summed and first_graph is None:
+                bad = guard.check(hv_a, u)
+                if bad:  # redo those tasks' HVPs exactly: the FD ones are off by jump / r
+                    hv_a, hv_f = _exact_hvp_for(tm, cfg, phi_k, u, fixed, bad, hv_a, hv_f)
+                    _warn_fd_outliers(cfg, k, bad)
             if summed:
                 v = [(vi.sum_tasks() if isinstance(vi, LowRank) else vi.sum(0)) - h
                      for vi, h in zip(v, hv_a)]  # sum_t (v - H u)
@@ -200,15 +203,23 @@ class MetaGradient(torch.autograd.Function):
         return (None, *grad_a, *grad_f, *lr_out)
 
 
+def _exact_hvp_for(tm, cfg, phi_k, u, fixed, tasks: list[int], hv_a, hv_f):
+    """``hv_a``, ``hv_f`` with the rows of ``tasks`` replaced by exact HVPs."""
+    idx = torch.tensor(tasks, device=hv_a[0].device)
+    with torch.enable_grad():
+        ex_a, ex_f = hvp(tm.task_loss, [p[idx] for p in phi_k], [dense(x)[idx] for x in u],
+                         *[a[idx] for a in cfg.support], fixed=fixed, mode="exact", batching=cfg.batching)
+    return ([h.index_copy(0, idx, e.to(h.dtype)) for h, e in zip(hv_a, ex_a)],
+            [h.index_copy(0, idx, e.to(h.dtype)) for h, e in zip(hv_f, ex_f)])
+
+
 def _warn_fd_outliers(cfg, step: int, tasks: list[int]) -> None:
     """Report finite-difference HVPs the guard flagged (``info["fd_suspect"]``: (step, task) pairs)."""
-    if not tasks:
-        return
     cfg.info.setdefault("fd_suspect", []).extend((step, t) for t in tasks)
-    warnings.warn(f"hvp_mode={cfg.hvp_mode!r}: the finite-difference HVP at inner step {step} of task(s) {tasks} is "
-                  f"over {FD_OUTLIER_RATIO:.0f}x the curvature of the other HVPs of this call: a ReLU / max-pool "
-                  "kink was probably crossed, and those tasks' meta-gradients are unreliable; use hvp_mode='exact' "
-                  "(docs/meta.md, 'HVP modes')", RuntimeWarning, stacklevel=3)
+    warnings.warn(f"hvp_mode={cfg.hvp_mode!r}: the finite-difference HVP at inner step {step} of task(s) {tasks} was "
+                  f"over {FD_OUTLIER_RATIO:.0f}x the curvature of the other HVPs of this call (a ReLU / max-pool "
+                  "kink crossed, most likely); it was recomputed exactly (docs/meta.md, 'HVP modes')",
+                  RuntimeWarning, stacklevel=3)
 
 
 def _reuses_last_step(ctx, cfg: EngineConfig, phi0, fixed) -> bool:
