@@ -51,6 +51,15 @@ def make_task_tensors(num_tasks, row_shapes, dtype, device, seed=0, requires_gra
     return out
 
 
+@pytest.fixture(params=["best", "default"])
+def instruction_set(request, monkeypatch):
+    """Runs a test with the compiled CPU kernels' best instruction set (AVX2 + FMA where the CPU
+    has it) and with the portable copy (``ATEN_CPU_CAPABILITY=default``, read on every call)."""
+    if request.param == "default":
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _no_backend_env(monkeypatch):
     # Tests pick backends explicitly; a developer's FASTMAML_BACKEND must not leak in.

@@ -70,12 +70,9 @@ def _err(got, want):
 
 
 @native
-@pytest.mark.parametrize("isa", ["best", "default"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_values_gradients_and_double_backward_agree_with_torch(monkeypatch, isa, shape):
+def test_values_gradients_and_double_backward_agree_with_torch(instruction_set, shape):
     """y, (gx, gw, gb), and the double backward (d/dx, d/dw, d/dgy)."""
-    if isa == "default":
-        monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
     args64 = _args(shape, torch.float64)
     y, grads, double = _torch_derivatives(*args64)
     truth = [y] + grads + list(double)

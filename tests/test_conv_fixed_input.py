@@ -4,7 +4,8 @@ Specification: for inputs that need no gradient, values, weight and bias gradien
 backward (the gradient of <v, gW> + <u, gb> w.r.t. the output gradient and through the network)
 are bit-identical to ``F.conv2d``'s in float64 and float32, for strides, paddings, dilations,
 groups and no bias; gradcheck / gradgradcheck / third order pass; calls it does not take (input
-needing a gradient, no autograd, string padding, forward AD) run ``F.conv2d``.
+needing a gradient, no autograd, string padding, forward AD) run ``F.conv2d``; bad input is refused
+naming it.
 """
 import pytest
 import torch
@@ -76,3 +77,19 @@ def test_takes_only_data_inputs_under_autograd():
     y = conv2d_fixed_input(x, w.detach(), padding=1)  # not taken: F.conv2d, same value
     assert torch.equal(y, F.conv2d(x, w.detach(), padding=1)) and y.grad_fn is None
     assert type(conv2d_fixed_input(x, w, padding=1).grad_fn).__name__ == _ConvFixedInput.__name__ + "Backward"
+
+
+def test_bad_input_is_refused_naming_it():
+    x, w = torch.randn(2, 4, 6, 6), torch.randn(3, 4, 3, 3, requires_grad=True)
+    with pytest.raises(TypeError, match="input must be a tensor"):
+        conv2d_fixed_input(x.tolist(), w)
+    with pytest.raises(TypeError, match="weight must be a tensor"):
+        conv2d_fixed_input(x, None)
+    with pytest.raises(ValueError, match=r"input must be \[N, C, H, W\]"):
+        conv2d_fixed_input(x[0], w)
+    with pytest.raises(ValueError, match="input has 3 channels"):
+        conv2d_fixed_input(x[:, :3], w)
+    with pytest.raises(ValueError, match="groups=2"):
+        conv2d_fixed_input(x, w, groups=2)
+    with pytest.raises(ValueError, match=r"bias must be None or a tensor of shape \(3,\)"):
+        conv2d_fixed_input(x, w, torch.randn(4))

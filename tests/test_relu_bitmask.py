@@ -34,12 +34,9 @@ def _same(a, b):
 
 
 @native
-@pytest.mark.parametrize("isa", ["best", "default"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_values_and_gradients_are_torchs_bit_for_bit(monkeypatch, isa, dtype, shape):
-    if isa == "default":
-        monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+def test_values_and_gradients_are_torchs_bit_for_bit(instruction_set, dtype, shape):
     x = _rand(shape, dtype, seed=1, specials=True)
     xr, xk = x.clone().requires_grad_(), x.clone().requires_grad_()
     ref, out = relu_reference(xr), relu_bitmask(xk, backend="cpu")

@@ -48,7 +48,6 @@ namespace {
 
 // Channel sums: each row's (S entries) in the input type, by `omp simd` reductions (which let the
 // compiler keep vector partial sums; -fopenmp-simd is on for this target), rows added in double.
-#define FASTMAML_BN_SIMD_SUM _Pragma("omp simd reduction(+ : s0, s1, s2, s3, s4)")
 
 // x - mean with the mean (a double) split in two of T: x - hi is exact for x near the mean, and
 // subtracting lo keeps the digits a mean rounded to float32 would lose when |mean| >> std.
@@ -73,8 +72,8 @@ FASTMAML_BN_INLINE void forward_channels(const Shape& sh, const T* x, const T* w
     double total = 0;
     for (int64_t i = 0; i < sh.n; ++i) {
       const T* xr = x + sh.row(i, ch);
-      T s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0;
-      FASTMAML_BN_SIMD_SUM
+      T s0 = 0;
+      #pragma omp simd reduction(+ : s0)
       for (int64_t j = 0; j < sh.s; ++j) s0 += xr[j];
       total += s0;
     }
@@ -82,8 +81,8 @@ FASTMAML_BN_INLINE void forward_channels(const Shape& sh, const T* x, const T* w
     double sq = 0;  // second pass about the mean: no cancellation
     for (int64_t i = 0; i < sh.n; ++i) {
       const T* xr = x + sh.row(i, ch);
-      T s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0;
-      FASTMAML_BN_SIMD_SUM
+      T s0 = 0;
+      #pragma omp simd reduction(+ : s0)
       for (int64_t j = 0; j < sh.s; ++j) {
         const T d = m.of(xr[j]);
         s0 += d * d;
@@ -112,8 +111,8 @@ FASTMAML_BN_INLINE void backward_channels(const Shape& sh, const T* gy, const T*
     for (int64_t i = 0; i < sh.n; ++i) {
       const T* gr = gy + sh.row(i, ch);
       const T* xr = x + sh.row(i, ch);
-      T s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0;
-      FASTMAML_BN_SIMD_SUM
+      T s0 = 0, s1 = 0;
+      #pragma omp simd reduction(+ : s0, s1)
       for (int64_t j = 0; j < sh.s; ++j) {
         s0 += gr[j];
         s1 += gr[j] * m.of(xr[j]);
@@ -150,7 +149,7 @@ FASTMAML_BN_INLINE void double_backward_channels(const Shape& sh, const T* ggx, 
       const T* hr = ggx + sh.row(i, ch);
       const T* xr = x + sh.row(i, ch);
       T s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0;
-      FASTMAML_BN_SIMD_SUM
+      #pragma omp simd reduction(+ : s0, s1, s2, s3, s4)
       for (int64_t j = 0; j < sh.s; ++j) {
         const T d = m.of(xr[j]);
         s0 += gr[j];

@@ -22,10 +22,9 @@ gradient is ``sum_t w_t (theta - phi_K)``.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
-
-import warnings
 
 import torch
 from torch import Tensor

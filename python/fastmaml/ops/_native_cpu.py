@@ -1,4 +1,4 @@
-"""What the compiled CPU kernels of the network's layers (max-pool, relu, batch norm) can take."""
+"""What the CPU implementations of the network's layers (max-pool, relu, batch norm) can take."""
 from __future__ import annotations
 
 import os
@@ -20,7 +20,11 @@ def plain_cpu_float(x: Tensor) -> bool:
             and torch._C._functorch.peek_interpreter_stack() is None)
 
 
+def references_requested() -> bool:
+    """``FASTMAML_BACKEND=reference``: torch's own ops everywhere, no routing."""
+    return os.environ.get(ENV_VAR) == "reference"
+
+
 def native_available(op: str) -> bool:
-    """The compiled op ``fastmaml::<op>`` has a CPU kernel and ``FASTMAML_BACKEND`` does not ask for
-    the references."""
-    return os.environ.get(ENV_VAR) != "reference" and has_native_device("cpu", op)
+    """The compiled op ``fastmaml::<op>`` has a CPU kernel and the references are not requested."""
+    return not references_requested() and has_native_device("cpu", op)

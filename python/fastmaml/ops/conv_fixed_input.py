@@ -88,13 +88,27 @@ def takes(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -
 def conv2d_fixed_input(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
                        groups: int = 1) -> Tensor:
     """``F.conv2d`` for an input that needs no gradient (bit-identical values and derivatives),
-    through the Functions above when ``takes`` accepts the call, else ``F.conv2d``.
+    through the Functions above when ``takes`` accepts the call, else ``F.conv2d``. Raises
+    ``TypeError`` / ``ValueError`` naming the argument for inputs that are not tensors, not 4-d, or
+    whose channels, groups or bias do not fit the weight.
 
     Example:
         >>> x, w = torch.randn(2, 1, 8, 8), torch.randn(4, 1, 3, 3, requires_grad=True)
         >>> torch.equal(conv2d_fixed_input(x, w, padding=1), torch.nn.functional.conv2d(x, w, padding=1))
         True
     """
+    for name, t in (("input", input), ("weight", weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if input.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"input must be [N, C, H, W] and weight [C_out, C / groups, kH, kW], got input "
+                         f"{tuple(input.shape)} and weight {tuple(weight.shape)}")
+    if type(groups) is not int or groups < 1 or input.shape[1] != weight.shape[1] * groups:
+        raise ValueError(f"input has {input.shape[1]} channels: weight [C_out, {weight.shape[1]}, ...] with groups="
+                         f"{groups!r} needs {weight.shape[1]} * groups of them")
+    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (weight.shape[0],)):
+        shape = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
+        raise ValueError(f"bias must be None or a tensor of shape ({weight.shape[0]},), got {shape}")
     if takes(input, weight, bias, stride, padding, dilation, groups):
         return _ConvFixedInput.apply(input, weight, bias, stride, padding, dilation, groups)
     return torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)

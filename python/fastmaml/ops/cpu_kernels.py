@@ -31,15 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from ..backend import ENV_VAR
-from ._native_cpu import native_available, plain_cpu_float
+from ._native_cpu import native_available, plain_cpu_float, references_requested
 from . import batch_norm as _bn
 from . import conv_fixed_input as _conv
 from .max_pool import _Pool, kernel_takes
@@ -149,7 +147,7 @@ def cpu_kernels():
         return contextlib.nullcontext()
     pool, relu = native_available("max_pool2x2"), native_available("relu_bitmask")
     batch_norm = native_available("batch_norm_train")
-    conv = os.environ.get(ENV_VAR) != "reference"  # torch's own ops, arranged differently: no compiled module needed
+    conv = not references_requested()  # torch's own ops, arranged differently: no compiled module needed
     return _CPUKernelMode(pool, relu, batch_norm, conv) if pool or relu or batch_norm or conv else contextlib.nullcontext()
 
 
