@@ -58,6 +58,7 @@ namespace py = pybind11;
 namespace fastmaml {
 void register_python_checks(py::module_& m);  // python_checks.cpp
 void register_buffer_cache(py::module_& m);    // cpu/buffer_cache.cpp
+void register_block_reuse(py::module_& m);     // cpu/block_reuse.cpp
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -77,4 +78,5 @@ PYBIND11_MODULE(_C, m) {
   });
   fastmaml::register_python_checks(m);
   fastmaml::register_buffer_cache(m);
+  fastmaml::register_block_reuse(m);
 }

@@ -4,7 +4,8 @@ Specification: a task whose ``||H u|| / ||u||`` exceeds ``FD_OUTLIER_RATIO`` tim
 the other HVPs of the call (this step's other tasks, earlier accepted HVPs) is flagged; nothing is
 flagged without two other values; tasks with a zero direction are ignored; the engine recomputes
 a flagged task's HVP exactly, warns naming the step and task and lists them in
-``info["fd_suspect"]``; exact modes are not guarded, and an ordinary FD run is not flagged.
+``info["fd_suspect"]`` (the first step's HVPs too, checked before the engine sums them over the
+tasks); exact modes are not guarded, and an ordinary FD run is not flagged.
 """
 import warnings
 
@@ -48,14 +49,17 @@ def _mlp_tasks(seed=0, tasks=4):
     return net, (xs, xs.sum(-1, keepdim=True).sin()), (xq, xq.sum(-1, keepdim=True).sin())
 
 
-def test_the_engine_recomputes_warns_and_reports_a_flagged_task(monkeypatch):
+# The backward takes the steps last to first: HVP call 1 is inner step 2, call 3 is step 0 (at the
+# shared theta, where the engine sums the tasks' HVPs: the guard checks them before the sum).
+@pytest.mark.parametrize("call, step", [(1, 2), (3, 0)])
+def test_the_engine_recomputes_warns_and_reports_a_flagged_task(monkeypatch, call, step):
     net, support, query = _mlp_tasks()
     real_hvp, calls = engine.hvp, []
 
-    def corrupted(*args, **kwargs):  # what a crossed kink does to one task's HVP at the last step
+    def corrupted(*args, **kwargs):  # what a crossed kink does to one task's HVP
         hv_a, hv_f = real_hvp(*args, **kwargs)
         calls.append(1)
-        if len(calls) == 1:
+        if len(calls) == call:
             hv_a = [h.clone() for h in hv_a]
             for h in hv_a:
                 h[1] *= 1e4
@@ -68,9 +72,9 @@ def test_the_engine_recomputes_warns_and_reports_a_flagged_task(monkeypatch):
     clean = meta_grad(hvp_mode="fd_central", fd_dtype=torch.float64)
     monkeypatch.setattr(engine, "hvp", corrupted)
     info = {}
-    with pytest.warns(RuntimeWarning, match=r"inner step 2 of task\(s\) \[1\].*recomputed exactly"):
+    with pytest.warns(RuntimeWarning, match=rf"inner step {step} of task\(s\) \[1\].*recomputed exactly"):
         repaired = meta_grad(hvp_mode="fd_central", fd_dtype=torch.float64, info=info)
-    assert info["fd_suspect"] == [(2, 1)]
+    assert len(calls) == 4 and info["fd_suspect"] == [(step, 1)]  # 3 steps + the exact redo
     # the flagged HVP was redone exactly: the meta-gradient is the clean one, up to the FD error
     assert float((repaired - clean).norm() / clean.norm()) < 1e-5
 

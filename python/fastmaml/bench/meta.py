@@ -29,6 +29,8 @@ Providers of the second-order meta-gradient (d mean_t L_query / d theta):
   fastmaml_stock_ops  fastmaml_exact with torch's own max-pool, relu and batch norm (``stock_kernels()``):
                   what the engine's compiled layer kernels contribute on the conv workloads (the same
                   results; batch norm's channel sums are added in another order)
+  fastmaml_fresh_blocks  (on request) fastmaml_exact without the reuse of freed CPU blocks
+                  (``no_block_reuse()``): every allocation from PyTorch's allocator, as before
   fastmaml_fd64   maml_loss(hvp_mode="fd_central", fd_dtype=float64)
   fastmaml_fd32   maml_loss(hvp_mode="fd_forward") in float32 (reuses the saved gradients)
 
@@ -64,6 +66,7 @@ from ..meta.functional import TaskModel, batch_stats_only
 from ..meta.hvp import batched_grad, hvp
 from ..meta.inner_loop import normalize_step_sizes
 from ..meta.models import Conv4, mse_loss, sinusoid_mlp
+from ..ops.block_reuse import no_block_reuse
 from ..ops.cpu_kernels import stock_kernels
 from ..reference.meta import maml_loss_reference
 from ._common import (add_level_options, append_csv, counted_gflop, environment, exact_float32, have_module,
@@ -77,7 +80,7 @@ ERR_FLOOR = 1e-3
 PROVIDERS = ("loop_autograd", "func_vmap", "higher", "learn2learn", "fastmaml_exact", "fastmaml_stock_ops",
              "fastmaml_fd64")
 OPTIONAL_PROVIDERS = ("fastmaml_fd32", "fastmaml_fwdrev", "fastmaml_revrev", "fastmaml_stacked", "fastmaml_vmap",
-                      "fastmaml_nolast", "fastmaml_keepfirst")
+                      "fastmaml_nolast", "fastmaml_keepfirst", "fastmaml_fresh_blocks")
 BASELINES = ("loop_autograd", "func_vmap", "higher", "learn2learn")
 PEERS = {"higher": "higher", "learn2learn": "learn2learn"}  # provider -> module it needs
 
@@ -176,8 +179,10 @@ def provider_fn(provider: str, net, loss_fn, support, query, num_steps: int, lr:
           "fastmaml_fd32": dict(hvp_mode="fd_forward"),
           "fastmaml_revrev": dict(hvp_mode="reverse_over_reverse"),
           "fastmaml_nolast": dict(hvp_mode="exact", reuse_last_step=False),
-          "fastmaml_keepfirst": dict(hvp_mode="exact", keep_first_graph=True)}[provider]
-    ops = stock_kernels if provider == "fastmaml_stock_ops" else contextlib.nullcontext
+          "fastmaml_keepfirst": dict(hvp_mode="exact", keep_first_graph=True),
+          "fastmaml_fresh_blocks": dict(hvp_mode="exact")}[provider]  # run inside no_block_reuse()
+    ops = {"fastmaml_stock_ops": stock_kernels, "fastmaml_fresh_blocks": no_block_reuse}.get(provider,
+                                                                                            contextlib.nullcontext)
 
     def run():
         with ops():

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ..ops.block_reuse import reusing_cpu_blocks
 from ..ops.multi_tensor import task_axpby, task_dot
 from .functional import check_losses_finite
 from .hvp import batched_grad, hvp
@@ -82,6 +83,7 @@ class IMAMLGradient(torch.autograd.Function):
     """``(theta_adapted..., theta_fixed..., lr tensors...) -> per-task query losses [T]`` (iMAML)."""
 
     @staticmethod
+    @reusing_cpu_blocks
     def forward(ctx, cfg: EngineConfig, lam: float, cg_iters: int, cg_tol: float, *inputs):
         n_a, n_f = cfg.n_a, cfg.n_f
         theta_a = [t.detach() for t in inputs[:n_a]]
@@ -106,6 +108,7 @@ class IMAMLGradient(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @reusing_cpu_blocks
     def backward(ctx, grad_out: Tensor):
         cfg, lam = ctx.cfg, ctx.lam
         fixed = list(ctx.saved_tensors)

@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..ops.block_reuse import reusing_cpu_blocks
 from ..ops.multi_tensor import task_axpby
 from .fd_guard import FD_OUTLIER_RATIO, FDGuard
 from .functional import TaskModel, check_losses_finite
@@ -75,6 +76,7 @@ class MetaGradient(torch.autograd.Function):
     """``(theta_adapted..., theta_fixed..., lr tensors...) -> per-task query losses [T]``."""
 
     @staticmethod
+    @reusing_cpu_blocks
     def forward(ctx, cfg: EngineConfig, *inputs):
         n_a, n_f = cfg.n_a, cfg.n_f
         theta_a = [t.detach() for t in inputs[:n_a]]
@@ -123,6 +125,7 @@ class MetaGradient(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @reusing_cpu_blocks
     def backward(ctx, grad_out: Tensor):
         cfg = ctx.cfg
         n_a, n_f = cfg.n_a, cfg.n_f
@@ -178,15 +181,19 @@ class MetaGradient(torch.autograd.Function):
                 ctx.first_graph = None
                 hv_a, hv_f = kept_graph_hvp(first_graph, [dense(x) for x in u])
             else:
+                # finite differences are per task anyway: the guard checks them before the sum
                 with torch.enable_grad():
                     hv_a, hv_f = hvp(tm.task_loss, phi_k, u, *cfg.support, fixed=fixed, mode=cfg.hvp_mode,
                                      saved_grad=(g_k + gf_k) if ctx.fd_reuse else None, fd_dtype=cfg.fd_dtype,
-                                     shared_params=shared_k, batching=cfg.batching, sum_tasks=summed)
-            if guard is not None and not summed and first_graph is None:
+                                     shared_params=shared_k, batching=cfg.batching,
+                                     sum_tasks=summed and guard is None)
+            if guard is not None and first_graph is None:
                 bad = guard.check(hv_a, u)
                 if bad:  # redo those tasks' HVPs exactly: the FD ones are off by jump / r
-                    hv_a, hv_f = _exact_hvp_for(tm, cfg, phi_k, u, fixed, bad, hv_a, hv_f)
+                    hv_a, hv_f = _exact_hvp_for(tm, cfg, phi_k, u, fixed, bad, hv_a, hv_f, shared_k)
                     _warn_fd_outliers(cfg, k, bad)
+                if summed:
+                    hv_a, hv_f = [h.sum(0) for h in hv_a], [h.sum(0) for h in hv_f]
             if summed:
                 v = [(vi.sum_tasks() if isinstance(vi, LowRank) else vi.sum(0)) - h
                      for vi, h in zip(v, hv_a)]  # sum_t (v - H u)
@@ -202,12 +209,14 @@ class MetaGradient(torch.autograd.Function):
         return (None, *grad_a, *grad_f, *lr_out)
 
 
-def _exact_hvp_for(tm, cfg, phi_k, u, fixed, tasks: list[int], hv_a, hv_f):
-    """``hv_a``, ``hv_f`` with the rows of ``tasks`` replaced by exact HVPs."""
+def _exact_hvp_for(tm, cfg, phi_k, u, fixed, tasks: list[int], hv_a, hv_f, shared: bool = False):
+    """``hv_a``, ``hv_f`` with the rows of ``tasks`` replaced by exact HVPs (``shared``: ``phi_k``
+    has no task dimension, the first step's theta)."""
     idx = torch.tensor(tasks, device=hv_a[0].device)
     with torch.enable_grad():
-        ex_a, ex_f = hvp(tm.task_loss, [p[idx] for p in phi_k], [dense(x)[idx] for x in u],
-                         *[a[idx] for a in cfg.support], fixed=fixed, mode="exact", batching=cfg.batching)
+        ex_a, ex_f = hvp(tm.task_loss, phi_k if shared else [p[idx] for p in phi_k], [dense(x)[idx] for x in u],
+                         *[a[idx] for a in cfg.support], fixed=fixed, mode="exact", batching=cfg.batching,
+                         shared_params=shared)
     return ([h.index_copy(0, idx, e.to(h.dtype)) for h, e in zip(hv_a, ex_a)],
             [h.index_copy(0, idx, e.to(h.dtype)) for h, e in zip(hv_f, ex_f)])
 

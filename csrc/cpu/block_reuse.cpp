@@ -1,0 +1,216 @@
+// A CPU allocator that reuses the blocks freed within a scope (the meta-gradient engine's call).
+//
+// Why: PyTorch's CPU allocator hands large blocks to glibc, which serves them by mmap or trims
+// them off its heap, and gives them back to the OS when the tensor dies. The engine allocates the
+// same activation-sized blocks once per task, inner step and pass, so many land in fresh pages
+// that the kernel must fault in and zero first: one second-order call on workload A (K = 10)
+// took 40-60k minor page faults. Inside a scope, freed blocks of at least kMinBytes are kept and
+// handed out again to requests of their size class, as PyTorch's CUDA caching allocator does on
+// GPUs. When the outermost scope ends, the previous allocator is restored and the kept blocks go
+// back to the OS: nothing is held between calls. A block that is freed after the scope goes
+// straight back.
+//
+// Memory: kept and live blocks together never exceed the scope's peak of live blocks (what the
+// call holds without reuse): a request that finds no block first gives back the oldest kept
+// blocks until the new one fits under that peak. Blocks are matched by size class (rounded up
+// to 4 KB; a block up to 1/8 larger is accepted); at most `limit` bytes are kept
+// (FASTMAML_CPU_BLOCK_REUSE_MB, default 1024; 0 turns scopes off). Smaller requests are served
+// by c10::alloc_cpu, as PyTorch's default allocator serves them.
+#include <torch/python.h>
+
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
+
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <unordered_map>
+
+namespace fastmaml {
+namespace {
+
+constexpr size_t kMinBytes = size_t(1) << 15;  // below: glibc's heap, no page faults to save
+constexpr size_t kGranule = size_t(1) << 12;
+
+void free_block(void* ptr);
+
+class BlockReuseAllocator final : public c10::Allocator {
+ public:
+  std::mutex mu;
+  int depth = 0;                                 // nesting of open scopes
+  c10::Allocator* previous = nullptr;            // what the outermost scope replaced
+  // Free blocks kept while depth > 0, by size (for reuse) and by age (the oldest go first when
+  // the limit is reached: blocks of a finished phase, e.g. the query pass, stop holding memory).
+  std::multimap<size_t, std::pair<uint64_t, void*>> free_blocks;  // bytes -> (age, block)
+  std::map<uint64_t, std::multimap<size_t, std::pair<uint64_t, void*>>::iterator> by_age;
+  uint64_t next_age = 0;
+  std::unordered_map<void*, size_t> live;        // blocks of this allocator in use -> bytes
+  size_t cached_bytes = 0, peak_cached_bytes = 0, limit_bytes = 0;
+  size_t live_bytes = 0, peak_live_bytes = 0;  // blocks of at least kMinBytes in use; peak in the scope
+  size_t hits = 0, misses = 0;
+
+  BlockReuseAllocator() {
+    const char* env = std::getenv("FASTMAML_CPU_BLOCK_REUSE_MB");
+    long long mb = 1024;
+    if (env != nullptr && *env != '\0') {
+      char* end = nullptr;
+      const long long parsed = std::strtoll(env, &end, 10);
+      if (end != env && *end == '\0' && parsed >= 0) mb = parsed;
+    }
+    limit_bytes = static_cast<size_t>(mb) << 20;
+  }
+
+  c10::DataPtr allocate(size_t nbytes) override {
+    const c10::Device cpu(c10::DeviceType::CPU);
+    if (nbytes < kMinBytes) {
+      void* p = c10::alloc_cpu(nbytes);
+      if (p != nullptr) c10::profiledCPUMemoryReporter().New(p, nbytes);
+      return {p, p, &free_block, cpu};
+    }
+    const size_t rounded = (nbytes + kGranule - 1) / kGranule * kGranule;
+    void* p = nullptr;
+    size_t bytes = rounded;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      auto it = free_blocks.lower_bound(rounded);
+      if (it != free_blocks.end() && it->first <= rounded + rounded / 8) {
+        p = it->second.second;
+        bytes = it->first;
+        cached_bytes -= bytes;
+        by_age.erase(it->second.first);
+        free_blocks.erase(it);
+        ++hits;
+      } else {
+        ++misses;
+        // Kept and live blocks together stay within the scope's peak of live blocks, what the
+        // call holds without reuse: a new block first pushes out the oldest kept ones.
+        if (live_bytes + rounded > peak_live_bytes) peak_live_bytes = live_bytes + rounded;
+        while (!by_age.empty() && live_bytes + rounded + cached_bytes > peak_live_bytes) drop_oldest_locked();
+      }
+    }
+    if (p == nullptr) p = c10::alloc_cpu(rounded);  // throws on out-of-memory, as torch's does
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      live.emplace(p, bytes);
+      live_bytes += bytes;
+    }
+    c10::profiledCPUMemoryReporter().New(p, nbytes);
+    return {p, p, &free_block, cpu};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &free_block; }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  void release(void* p) {
+    c10::profiledCPUMemoryReporter().Delete(p);
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      auto it = live.find(p);
+      if (it != live.end()) {
+        const size_t bytes = it->second;
+        live.erase(it);
+        live_bytes -= bytes;
+        if (depth > 0 && bytes <= limit_bytes) {
+          while (cached_bytes + bytes > limit_bytes) drop_oldest_locked();
+          const uint64_t age = next_age++;
+          by_age.emplace(age, free_blocks.emplace(bytes, std::make_pair(age, p)));
+          cached_bytes += bytes;
+          if (cached_bytes > peak_cached_bytes) peak_cached_bytes = cached_bytes;
+          return;
+        }
+      }
+    }
+    c10::free_cpu(p);
+  }
+
+  // Frees the oldest kept block; returns its bytes. Caller holds `mu`, by_age is not empty.
+  size_t drop_oldest_locked() {
+    auto oldest = by_age.begin();
+    const size_t bytes = oldest->second->first;
+    cached_bytes -= bytes;
+    c10::free_cpu(oldest->second->second.second);
+    free_blocks.erase(oldest->second);
+    by_age.erase(oldest);
+    return bytes;
+  }
+
+  // Caller holds `mu`.
+  void drop_cached_locked() {
+    for (auto& kv : free_blocks) c10::free_cpu(kv.second.second);
+    free_blocks.clear();
+    by_age.clear();
+    cached_bytes = 0;
+  }
+};
+
+// Never destroyed: a tensor may die after static destructors have run (at interpreter exit).
+BlockReuseAllocator& instance() {
+  static BlockReuseAllocator* a = new BlockReuseAllocator();
+  return *a;
+}
+
+void free_block(void* ptr) {
+  if (ptr != nullptr) instance().release(ptr);
+}
+
+// Opens a scope; returns whether this allocator now serves CPU allocations (false: the limit is
+// 0, or another allocator registered with a higher priority keeps its place). Always paired with
+// exit_scope().
+bool enter() {
+  BlockReuseAllocator& a = instance();
+  std::lock_guard<std::mutex> lock(a.mu);
+  if (a.depth++ == 0 && a.limit_bytes > 0) {
+    a.peak_live_bytes = a.live_bytes;
+    a.previous = c10::GetCPUAllocator();
+    // Priority 0, PyTorch's own: an allocator registered above it keeps its place.
+    c10::SetCPUAllocator(&a, 0);
+  }
+  return c10::GetCPUAllocator() == &a;
+}
+
+void exit_scope() {
+  BlockReuseAllocator& a = instance();
+  std::lock_guard<std::mutex> lock(a.mu);
+  if (a.depth == 0) return;
+  if (--a.depth == 0) {
+    if (a.previous != nullptr && c10::GetCPUAllocator() == &a) c10::SetCPUAllocator(a.previous, 0);
+    a.previous = nullptr;
+    a.drop_cached_locked();
+  }
+}
+
+}  // namespace
+
+void register_block_reuse(pybind11::module_& m) {
+  m.def("block_reuse_enter", &enter, "open a block-reuse scope (returns whether it is active)");
+  m.def("block_reuse_exit", &exit_scope, "close a block-reuse scope");
+  m.def("block_reuse_stats", []() {
+    BlockReuseAllocator& a = instance();
+    std::lock_guard<std::mutex> lock(a.mu);
+    pybind11::dict d;
+    d["depth"] = a.depth;
+    d["active"] = a.depth > 0 && c10::GetCPUAllocator() == &a;
+    d["cached_bytes"] = a.cached_bytes;
+    d["cached_blocks"] = a.free_blocks.size();
+    d["peak_cached_bytes"] = a.peak_cached_bytes;
+    d["live_blocks"] = a.live.size();
+    d["live_bytes"] = a.live_bytes;
+    d["peak_live_bytes"] = a.peak_live_bytes;
+    d["limit_bytes"] = a.limit_bytes;
+    d["hits"] = a.hits;
+    d["misses"] = a.misses;
+    return d;
+  });
+  m.def("block_reuse_set_limit", [](size_t bytes) {
+    BlockReuseAllocator& a = instance();
+    std::lock_guard<std::mutex> lock(a.mu);
+    a.limit_bytes = bytes;
+    if (a.cached_bytes > bytes) a.drop_cached_locked();
+    a.peak_cached_bytes = a.cached_bytes;
+  });
+}
+
+}  // namespace fastmaml
