@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflat
 
 from .. import _validation as V
 from ..inner_update import fd_perturb
+from ..ops.block_reuse import reusing_cpu_blocks
 from ..ops.cpu_kernels import cpu_kernels
 from ..ops.multi_tensor import task_axpby, task_dot
 from . import fused_mlp
@@ -347,6 +348,7 @@ def _in_dims(n_task_args: int, shared_params: bool = False):
     return (None if shared_params else 0, None) + (0,) * n_task_args
 
 
+@reusing_cpu_blocks  # its per-task activations reuse freed CPU blocks (ops/block_reuse.py)
 def batched_grad(task_loss: TaskLoss, params: Sequence[Tensor], fixed: Sequence[Tensor], *task_args: Tensor,
                  wrt_fixed: bool = False, shared_params: bool = False, batching: str = "vmap",
                  low_rank: bool = False, keep_state: bool = False):
@@ -427,6 +429,7 @@ def _cast(ts, dtype):
     return tuple(t.to(dtype) if t.is_floating_point() else t for t in ts)
 
 
+@reusing_cpu_blocks
 def hvp(task_loss: TaskLoss, params: Sequence[Tensor], v: Sequence[Tensor], *task_args: Tensor,
         fixed: Sequence[Tensor] = (), mode: str = "forward_over_reverse", r: Optional[Tensor] = None,
         saved_grad: Optional[Sequence[Tensor]] = None, fd_dtype: Optional[torch.dtype] = None,

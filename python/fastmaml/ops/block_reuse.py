@@ -8,7 +8,8 @@ per-task, per-step activations keep landing in fresh pages that the kernel fault
 their size class, kept and live blocks together stay within the scope's peak of live blocks (no
 more memory than without reuse), and when the outermost scope ends the previous allocator is
 back and the kept blocks are returned to the OS. ``MetaGradient`` and ``IMAMLGradient`` run
-their forward and backward passes inside it.
+their forward and backward passes inside it, and so do the functional ``batched_grad`` and
+``hvp`` (``fastmaml.meta.hvp``).
 
 Off: ``FASTMAML_CPU_BLOCK_REUSE_MB=0`` (the limit on kept bytes, default 1024, read at the first
 use), ``set_block_reuse_limit(0)``, inside ``no_block_reuse()``, under
