@@ -217,3 +217,12 @@ def test_layer_rows_compare_the_kernels_with_torchs_ops(monkeypatch):
     assert [line["case"].split(" ")[0] for line in lines] == ["max_pool", "relu", "batch_norm", "batch_norm", "first",
                                                               "first"]
     assert all(line["baseline"] == "torch" for line in lines)
+
+
+@pytest.mark.parametrize("argv, message", [(["--tasks", "0"], "--tasks must be >= 1"),
+                                           (["--steps", "0"], "--steps must be >= 1")])
+def test_meta_cli_refuses_bad_counts_naming_them(capsys, argv, message):
+    from fastmaml.bench import meta as bench_meta
+    with pytest.raises(SystemExit):
+        bench_meta.main(["--workload", "A"] + argv)
+    assert message in capsys.readouterr().err

@@ -617,7 +617,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--steps", type=int, action="append",
                         help="inner steps K of workloads A and B (repeatable; default: those of the level)")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS + OPTIONAL_PROVIDERS, default=None)
+    parser.add_argument("--tasks", type=int, default=None,
+                        help="tasks T of workloads A and B (default: the issue's, 8 for A and 4 for B)")
     args = parser.parse_args(argv)
+    if args.tasks is not None and args.tasks < 1:
+        parser.error(f"--tasks must be >= 1, got {args.tasks}")
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.steps and min(args.steps) < 1:
@@ -669,7 +673,7 @@ def main(argv=None) -> list[dict]:
                                  level["memory_providers"])
             print_table(rows, meta_cols)
         else:
-            tasks = 8 if wl == "A" else 4
+            tasks = args.tasks or (8 if wl == "A" else 4)
             steps = args.steps or (level["a_steps"] if wl == "A" else (level["b_steps"] or (5,)))
             rows = run_meta(wl, tasks, steps, providers, level["repeats"], steps if memory else (), env, device,
                             level["memory_providers"])
