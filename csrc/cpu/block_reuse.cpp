@@ -16,6 +16,10 @@
 // to 4 KB; a block up to 1/8 larger is accepted); at most `limit` bytes are kept
 // (FASTMAML_CPU_BLOCK_REUSE_MB, default 1024; 0 turns scopes off). Smaller requests are served
 // by c10::alloc_cpu, as PyTorch's default allocator serves them.
+//
+// Unlike buffer_cache.cpp (the heads' gradient buffers, which outlive the call that makes them
+// and are kept across calls), this serves every CPU allocation inside a scope and keeps nothing
+// after it.
 #include <torch/python.h>
 
 #include <c10/core/CPUAllocator.h>
