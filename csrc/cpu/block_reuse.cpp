@@ -22,6 +22,8 @@
 // after it.
 #include <torch/python.h>
 
+#include "env_megabytes.h"
+
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
@@ -53,16 +55,7 @@ class BlockReuseAllocator final : public c10::Allocator {
   size_t live_bytes = 0, peak_live_bytes = 0;  // blocks of at least kMinBytes in use; peak in the scope
   size_t hits = 0, misses = 0;
 
-  BlockReuseAllocator() {
-    const char* env = std::getenv("FASTMAML_CPU_BLOCK_REUSE_MB");
-    long long mb = 1024;
-    if (env != nullptr && *env != '\0') {
-      char* end = nullptr;
-      const long long parsed = std::strtoll(env, &end, 10);
-      if (end != env && *end == '\0' && parsed >= 0) mb = parsed;
-    }
-    limit_bytes = static_cast<size_t>(mb) << 20;
-  }
+  BlockReuseAllocator() : limit_bytes(megabytes_from_env("FASTMAML_CPU_BLOCK_REUSE_MB", 1024)) {}
 
   c10::DataPtr allocate(size_t nbytes) override {
     const c10::Device cpu(c10::DeviceType::CPU);

@@ -14,6 +14,8 @@
 // it off); blocks beyond it go back to the OS.
 #include <torch/python.h>
 
+#include "env_megabytes.h"
+
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -32,16 +34,7 @@ struct BufferCache {
   size_t limit_bytes = 0;
   size_t hits = 0, misses = 0;
 
-  BufferCache() {
-    const char* env = std::getenv("FASTMAML_CPU_BUFFER_CACHE_MB");
-    long long mb = 2048;
-    if (env != nullptr && *env != '\0') {
-      char* end = nullptr;
-      const long long parsed = std::strtoll(env, &end, 10);
-      if (end != env && *end == '\0' && parsed >= 0) mb = parsed;
-    }
-    limit_bytes = static_cast<size_t>(mb) << 20;
-  }
+  BufferCache() : limit_bytes(megabytes_from_env("FASTMAML_CPU_BUFFER_CACHE_MB", 2048)) {}
 
   // A free block of at least `bytes` (and at most 1/8 more), or nullptr; its size in *block_bytes.
   void* take(size_t bytes, size_t* block_bytes) {
