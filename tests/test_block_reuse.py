@@ -49,20 +49,19 @@ def test_the_scope_ends_with_nothing_kept_and_torch_allocator_back():
         assert block_reuse_stats()["cached_bytes"] > 0
     stats = block_reuse_stats()
     assert not stats["active"] and stats["depth"] == 0 and stats["cached_bytes"] == 0
-    live = stats["live_blocks"]
     z = torch.empty(MB)  # torch's own allocator again: not one of the scope's blocks
-    assert block_reuse_stats()["live_blocks"] == live
+    assert block_reuse_stats()["live_bytes"] <= stats["live_bytes"]  # (a collected cycle may free some)
     del z
 
 
 def test_a_tensor_made_inside_outlives_the_scope_and_is_freed_after():
     with reuse_cpu_blocks():
         x = torch.arange(MB // 4, dtype=torch.float32)
-        live_inside = block_reuse_stats()["live_blocks"]
+        live_inside = block_reuse_stats()["live_bytes"]
     assert x[12345].item() == 12345.0 and x.sum().item() == float(sum(range(MB // 4)))
     del x
     stats = block_reuse_stats()
-    assert stats["live_blocks"] == live_inside - 1 and stats["cached_bytes"] == 0
+    assert stats["live_bytes"] <= live_inside - MB and stats["cached_bytes"] == 0
 
 
 def test_small_requests_are_not_kept():
