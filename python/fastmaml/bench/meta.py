@@ -540,20 +540,31 @@ def run_layers(shapes, repeats: int, env, device="cpu") -> list[dict]:
                 for mode in modes:
                     times[(provider, mode)] = time_wall_and_cpu(runs[mode], repeats, device=device)
                 times[(provider, "saved")] = _saved_bytes(lambda: fn(xg)) / 2**20
-            diff = max(float((a - r).abs().max() / r.abs().max().clamp_min(1e-30))
-                       for a, r in zip(results["fastmaml"], results["torch"]))
-            for mode in modes:
-                for provider in ("torch", "fastmaml"):
-                    t = times[(provider, mode)]
-                    ok = provider == "torch" or diff <= tol
-                    rows.append({**env, "workload": "layers", "op": op, "shape": "x".join(map(str, shape)),
-                                 "mode": mode, "provider": provider, **t, "saved_mb": times[(provider, "saved")],
-                                 "max_rel_diff": 0.0 if provider == "torch" else diff,
-                                 "check": "ok" if ok else "FAILED",
-                                 "speedup_vs_fastest_baseline": (times[("torch", mode)]["median_ms"] / t["median_ms"]
-                                                                 if ok else float("nan")),
-                                 "fastest_baseline": "torch", "note": ""})
+            diff = _max_rel_diff(results["fastmaml"], results["torch"])
+            rows += _layer_rows(env, op, "x".join(map(str, shape)), modes, times, diff, tol)
     return rows + _first_conv_rows(repeats, env, device)
+
+
+def _max_rel_diff(ours, theirs) -> float:
+    """The largest difference of matching tensors, relative to the largest entry of torch's."""
+    return max(float((a - r).abs().max() / r.abs().max().clamp_min(1e-30)) for a, r in zip(ours, theirs))
+
+
+def _layer_rows(env, op: str, shape: str, modes, times: dict, diff: float, tol: float) -> list[dict]:
+    """The torch and fastmaml rows of one layer op and shape; ``times[(provider, mode)]`` are
+    timings, ``times[(provider, "saved")]`` the saved MB (absent: not measured)."""
+    rows = []
+    for mode in modes:
+        for provider in ("torch", "fastmaml"):
+            t = times[(provider, mode)]
+            ok = provider == "torch" or diff <= tol
+            rows.append({**env, "workload": "layers", "op": op, "shape": shape, "mode": mode, "provider": provider,
+                         **t, "saved_mb": times.get((provider, "saved"), float("nan")),
+                         "max_rel_diff": 0.0 if provider == "torch" else diff, "check": "ok" if ok else "FAILED",
+                         "speedup_vs_fastest_baseline": (times[("torch", mode)]["median_ms"] / t["median_ms"]
+                                                         if ok else float("nan")),
+                         "fastest_baseline": "torch", "note": ""})
+    return rows
 
 
 # conv4's first convolution on A's and B's support sets: (input shape, output channels)
@@ -589,18 +600,9 @@ def _first_conv_rows(repeats: int, env, device="cpu") -> list[dict]:
             results[provider] = fwd_bwd() + double_bwd()
             times[(provider, "fwd+bwd")] = time_wall_and_cpu(fwd_bwd, repeats, device=device)
             times[(provider, "double bwd")] = time_wall_and_cpu(double_bwd, repeats, device=device)
-        diff = max(float((a - r).abs().max() / r.abs().max().clamp_min(1e-30))
-                   for a, r in zip(results["fastmaml"], results["torch"]))
-        for mode in ("fwd+bwd", "double bwd"):
-            for provider in ("torch", "fastmaml"):
-                t = times[(provider, mode)]
-                ok = provider == "torch" or diff == 0.0
-                rows.append({**env, "workload": "layers", "op": "first conv", "shape": "x".join(map(str, shape)) +
-                             f"->{c_out}", "mode": mode, "provider": provider, **t, "saved_mb": float("nan"),
-                             "max_rel_diff": 0.0 if provider == "torch" else diff, "check": "ok" if ok else "FAILED",
-                             "speedup_vs_fastest_baseline": (times[("torch", mode)]["median_ms"] / t["median_ms"]
-                                                             if ok else float("nan")),
-                             "fastest_baseline": "torch", "note": ""})
+        diff = _max_rel_diff(results["fastmaml"], results["torch"])
+        rows += _layer_rows(env, "first conv", "x".join(map(str, shape)) + f"->{c_out}", ("fwd+bwd", "double bwd"),
+                            times, diff, 0.0)
     return rows
 
 
