@@ -56,9 +56,11 @@ def maml_loss(model, loss_fn: Optional[Callable] = None, support=None, query=Non
             (plain autograd task by task), ``"fused_mlp"`` (hand-written gradients and HVPs as
             batched matmuls for a plain ``nn.Sequential`` of Linear layers and elementwise
             activations with an MSE / cross-entropy loss, ``fastmaml.meta.fused_mlp``; other
-            models and losses take the ``"auto"`` choice) or ``"auto"`` (``"fused_mlp"`` where it
-            applies, else on the CPU a loop for image-like samples (``[T, N, C, H, W]``), T <= 16 or
-            per-task batches of 32 samples or more, else vmap; on GPUs vmap;
+            models and losses take the ``"auto"`` choice), ``"fused_conv"`` (the same for conv /
+            batch norm / ReLU / 2x2 max-pool nets with a linear head on the CPU, such as conv4,
+            ``fastmaml.meta.fused_conv``) or ``"auto"`` (a fused path where one applies, else on
+            the CPU a loop for image-like samples (``[T, N, C, H, W]``), T <= 16 or per-task
+            batches of 32 samples or more, else vmap; on GPUs vmap;
             the same results either way, see ``resolve_batching``), or ``"stacked"`` (all tasks in
             one forward pass, ``fastmaml.meta.stacked``; never chosen by ``"auto"``).
         reuse_last_step: second-order MAML with a double-backward HVP (``"exact"`` or

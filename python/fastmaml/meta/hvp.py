@@ -40,7 +40,7 @@ from ..inner_update import fd_perturb
 from ..ops.block_reuse import reusing_cpu_blocks
 from ..ops.cpu_kernels import cpu_kernels
 from ..ops.multi_tensor import task_axpby, task_dot
-from . import fused_mlp
+from . import fused_conv, fused_mlp
 from .functional import TaskModel
 from .stacked import stacked_task_losses, supports_stacking
 
@@ -61,7 +61,8 @@ def resolve_hvp_mode(mode: str) -> str:
     return mode
 
 
-BATCHINGS = ("auto", "vmap", "loop", "stacked", "fused_mlp")
+BATCHINGS = ("auto", "vmap", "loop", "stacked", "fused_mlp", "fused_conv")
+_FUSED = ("auto", "fused_mlp", "fused_conv")  # the batchings that take a fused path where one applies
 # Per-task batch size from which "auto" loops over tasks: vmap turns convs with per-task weights
 # into grouped convs, which the CPU backend runs ~2x slower than T plain convs for large per-task
 # batches (conv4, 75 query images: 1.9 s vs 0.95 s on 1 thread), and faster for small ones (5
@@ -82,10 +83,10 @@ AUTO_LOOP_SAMPLE_DIMS = 3
 
 def resolve_batching(batching: str, task_args: Sequence[Tensor]) -> str:
     """``"vmap"`` or ``"loop"`` for a call on these per-task data ``[T, N, ...]`` (``"fused_mlp"``
-    resolves like ``"auto"`` here: this is the choice for calls the fused path does not take)."""
+    and ``"fused_conv"`` resolve like ``"auto"`` here: this is the choice for calls no fused path takes)."""
     if batching not in BATCHINGS:
         raise ValueError(f"batching must be one of {BATCHINGS}, got {batching!r}")
-    if batching not in ("auto", "fused_mlp"):
+    if batching not in _FUSED:
         return batching
     first = task_args[0] if task_args else None
     if first is None or first.dim() < 1:
@@ -121,13 +122,31 @@ def choose_batching(batching: str, task_loss, params, fixed, task_args, shared: 
 
 
 def fused_plan(batching: str, task_loss, params, fixed, task_args, shared: bool):
-    """The ``fastmaml.meta.fused_mlp`` plan when ``batching`` is ``"auto"`` or ``"fused_mlp"`` and this
-    call can run fused (a plain Linear/activation ``nn.Sequential`` with a known loss), else ``None``.
-    ``"auto"`` takes it whenever it applies: it measured faster than vmap and the loop at every task
-    count tried (docs/meta.md)."""
-    if batching not in ("auto", "fused_mlp"):
-        return None
-    return fused_mlp.plan_for_call(task_loss, params, fixed, task_args, shared)
+    """The fused plan for this call when ``batching`` allows one, else ``None``: a
+    ``fastmaml.meta.fused_mlp`` plan (a plain Linear/activation ``nn.Sequential`` with a known loss)
+    under ``"auto"`` / ``"fused_mlp"``, a ``fastmaml.meta.fused_conv`` plan (conv / batch norm /
+    ReLU / 2x2 max-pool blocks and a linear head, on the CPU) under ``"auto"`` / ``"fused_conv"``.
+    ``"auto"`` takes them whenever they apply: each measured faster than vmap and the loop on its
+    workloads (docs/meta.md)."""
+    if batching in ("auto", "fused_mlp"):
+        plan = fused_mlp.plan_for_call(task_loss, params, fixed, task_args, shared)
+        if plan is not None:
+            return plan
+    if batching in ("auto", "fused_conv"):
+        return fused_conv.plan_for_call(task_loss, params, fixed, task_args, shared)
+    return None
+
+
+def _fused_grad(plan, params, fixed, task_args, wrt, shared, low_rank, keep_state):
+    if isinstance(plan, fused_conv.ConvPlan):
+        return fused_conv.grad(plan, params, fixed, *task_args, wrt_fixed=wrt, shared=shared)
+    return fused_mlp.grad(plan, params, fixed, *task_args, wrt_fixed=wrt, low_rank=low_rank, keep_state=keep_state)
+
+
+def _fused_hvp(plan, params, fixed, v, task_args, shared, sum_tasks):
+    if isinstance(plan, fused_conv.ConvPlan):
+        return fused_conv.hvp(plan, params, fixed, v, *task_args, shared=shared, sum_tasks=sum_tasks)
+    return fused_mlp.hvp(plan, params, fixed, v, *task_args, sum_tasks=sum_tasks)
 
 
 def _has_conv(task_loss) -> bool:
@@ -364,7 +383,8 @@ def batched_grad(task_loss: TaskLoss, params: Sequence[Tensor], fixed: Sequence[
             (the first inner step from ``theta``). Layers then run once on all tasks' data
             (a plain conv / matmul instead of a grouped / batched one).
         batching: ``"vmap"``, ``"loop"`` (over tasks), ``"auto"`` (see ``resolve_batching``) or
-            ``"fused_mlp"`` (``fastmaml.meta.fused_mlp`` where it applies, else as ``"auto"``).
+            ``"fused_mlp"`` / ``"fused_conv"`` (``fastmaml.meta.fused_mlp`` / ``fused_conv`` where it
+            applies, else as ``"auto"``).
         low_rank: allow the fused MLP path to return adapted weights' gradients as
             ``fastmaml.meta.fused_mlp.LowRank`` factors (``hvp`` takes them as directions).
         keep_state: let the fused MLP path keep this pass for the next ``hvp`` at the same point
@@ -383,8 +403,7 @@ def batched_grad(task_loss: TaskLoss, params: Sequence[Tensor], fixed: Sequence[
 
     plan = fused_plan(batching, task_loss, params, fixed, task_args, shared_params)
     if plan is not None:
-        return fused_mlp.grad(plan, params, fixed, *task_args, wrt_fixed=wrt, low_rank=low_rank,
-                              keep_state=keep_state)
+        return _fused_grad(plan, params, fixed, task_args, wrt, shared_params, low_rank, keep_state)
     params = tuple(fused_mlp.dense(p) for p in params)  # factored points from the fused path, if any
 
     def with_aux(p, f, *args):
@@ -455,7 +474,8 @@ def hvp(task_loss: TaskLoss, params: Sequence[Tensor], v: Sequence[Tensor], *tas
             (e.g. ``torch.float64`` for float32 models with ReLU; see the module docstring).
         shared_params: ``params`` have no task dimension (the same point for every task).
         batching: ``"vmap"``, ``"loop"`` (over tasks), ``"auto"`` (see ``resolve_batching``) or
-            ``"fused_mlp"`` (``fastmaml.meta.fused_mlp`` where it applies, else as ``"auto"``).
+            ``"fused_mlp"`` / ``"fused_conv"`` (``fastmaml.meta.fused_mlp`` / ``fused_conv`` where it
+            applies, else as ``"auto"``).
         sum_tasks: return ``sum_t H_t v_t`` (no task dimension). The fused MLP path computes the
             sum directly (one matmul over all tasks' rows per weight); the others sum the per-task results.
 
@@ -473,7 +493,7 @@ def hvp(task_loss: TaskLoss, params: Sequence[Tensor], v: Sequence[Tensor], *tas
     if any(fused_mlp.is_factored(t) for t in list(v) + list(params)):  # from the fused path's low-rank steps
         plan = fused_plan(batching, task_loss, params, fixed, task_args, shared_params)
         if plan is not None and mode in ("exact", "forward_over_reverse", "reverse_over_reverse"):
-            return fused_mlp.hvp(plan, params, fixed, v, *task_args, sum_tasks=sum_tasks)
+            return _fused_hvp(plan, params, fixed, v, task_args, shared_params, sum_tasks)
         v = [fused_mlp.dense(t) for t in v]
         params = [fused_mlp.dense(t) for t in params]
     params = V.check_tensor_list(params, "params")
@@ -496,7 +516,7 @@ def hvp(task_loss: TaskLoss, params: Sequence[Tensor], v: Sequence[Tensor], *tas
     plan = fused_plan(batching, task_loss, params, fixed, task_args, shared_params)
     if plan is not None and mode in ("exact", "forward_over_reverse", "reverse_over_reverse"):
         # every exact mode is the same H v; the R-operator is forward-over-reverse written out
-        return fused_mlp.hvp(plan, params, fixed, v, *task_args, sum_tasks=sum_tasks)
+        return _fused_hvp(plan, params, fixed, v, task_args, shared_params, sum_tasks)
     if sum_tasks:
         hv_a, hv_f = hvp(task_loss, params, v, *task_args, fixed=fixed, mode=mode, r=r, saved_grad=saved_grad,
                          fd_dtype=fd_dtype, shared_params=shared_params, batching=batching)

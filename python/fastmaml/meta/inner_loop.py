@@ -163,7 +163,7 @@ def run_inner_loop(task_model: TaskModel, phi0: Sequence[Tensor], fixed: Sequenc
         prox: iMAML's ``lam``: minimize ``L + lam/2 ||phi - phi0||^2`` instead.
         check_finite: raise naming the task when a support loss is not finite.
         shared_start: ``phi0`` has no task dimension.
-        batching: ``"auto"``, ``"vmap"``, ``"loop"``, ``"stacked"`` or ``"fused_mlp"`` over tasks
+        batching: ``"auto"``, ``"vmap"``, ``"loop"``, ``"stacked"``, ``"fused_mlp"`` or ``"fused_conv"`` over tasks
             (``fastmaml.meta.hvp``).
         keep_first_state: the fused MLP path keeps the first step's pass for an HVP at ``phi_0``
             (second-order MAML's last backward step); ignored by the other batchings.

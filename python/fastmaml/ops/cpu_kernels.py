@@ -25,7 +25,8 @@ Only plain float32/float64 CPU tensors are routed, and nothing while a ``torch.f
 (vmap, grad, jvp) is active; every other call runs torch's own op unchanged. The meta-gradient
 engine enters the context around its per-task autograd passes (the ``"loop"`` batching); the
 plain-autograd reference engine never does. ``stock_kernels()`` switches the routing off (the
-benchmark's ``fastmaml_stock_ops`` rows), as does ``FASTMAML_BACKEND=reference``.
+benchmark's ``fastmaml_stock_ops`` rows), and with it the fused conv path, as does
+``FASTMAML_BACKEND=reference``.
 """
 from __future__ import annotations
 
@@ -149,6 +150,12 @@ def cpu_kernels():
     batch_norm = native_available("batch_norm_train")
     conv = not references_requested()  # torch's own ops, arranged differently: no compiled module needed
     return _CPUKernelMode(pool, relu, batch_norm, conv) if pool or relu or batch_norm or conv else contextlib.nullcontext()
+
+
+def layer_kernels_enabled() -> bool:
+    """False inside ``stock_kernels()`` and under ``FASTMAML_BACKEND=reference``: then the fused
+    conv path (``fastmaml.meta.fused_conv``, built on these kernels) steps aside too."""
+    return _enabled.get() and not references_requested()
 
 
 @contextlib.contextmanager

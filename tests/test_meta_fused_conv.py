@@ -1,0 +1,298 @@
+"""The fused conv path (fastmaml.meta.fused_conv): hand-written gradients and R-operator HVPs.
+
+Specification: for conv / batch-norm / ReLU / 2x2 max-pool nets with a flatten and a linear head
+(conv4 and nn.Sequential chains of those layers) with cross-entropy or MSE, per-task gradients and
+HVPs (with the mixed block of fixed tensors) equal plain autograd's (float64, 1e-10 relative;
+float32 to rounding), the engine's meta-gradients equal the plain-autograd reference for every
+step-size form and parameter subset, and ``"auto"`` takes the path without running the generic
+ones. For anything else, and when the compiled layer kernels are switched off, it steps aside.
+"""
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastmaml.meta import fused_conv
+from fastmaml.meta.front import maml_loss
+from fastmaml.meta.functional import TaskModel
+from fastmaml.meta.hvp import batched_grad, hvp
+from fastmaml.meta.inner_loop import lslr_step_sizes, meta_sgd_step_sizes
+from fastmaml.meta.models import Conv4, MLP, mse_loss
+from fastmaml.ops.cpu_kernels import stock_kernels
+
+hvp_module = importlib.import_module("fastmaml.meta.hvp")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _meta_util import grads_of, rel_err  # noqa: E402
+
+F64 = torch.float64
+TOL = 1e-10
+
+pytestmark = pytest.mark.skipif(not all(fused_conv.native_available(op) for op in fused_conv._KERNELS),
+                                reason="the compiled layer kernels are not built")
+
+
+def conv4(filters=6, size=16, dtype=F64, seed=0):
+    torch.manual_seed(seed)
+    return Conv4(1, filters, 4, size).to(dtype)
+
+
+def sequential(variant: str, dtype=F64, seed=0) -> nn.Sequential:
+    """Chains the fused path takes, each exercising one layer option."""
+    torch.manual_seed(seed)
+    if variant == "no_bias_no_affine":  # conv without bias, batch norm without weight / bias
+        body = [nn.Conv2d(2, 5, 3, padding=1, bias=False), nn.BatchNorm2d(5, affine=False), nn.ReLU(),
+                nn.MaxPool2d(2)]
+        head = [nn.Flatten(), nn.Linear(5 * 6 * 6, 3)]
+    elif variant == "strided_two_linear":  # stride 2, no padding, pool before relu, an MLP head
+        body = [nn.Conv2d(2, 4, 3, stride=2), nn.BatchNorm2d(4), nn.MaxPool2d(2), nn.ReLU(),
+                nn.Conv2d(4, 5, 2, padding=1), nn.BatchNorm2d(5), nn.ReLU()]
+        head = [nn.Flatten(), nn.Linear(5 * 4 * 4, 7), nn.ReLU(), nn.Linear(7, 3)]
+    else:  # nested Sequential blocks, no batch norm in the second, dilation
+        body = [nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2)),
+                nn.Sequential(nn.Conv2d(4, 4, 3, padding=2, dilation=2), nn.ReLU(), nn.MaxPool2d(2))]
+        head = [nn.Flatten(), nn.Linear(4 * 3 * 3, 3)]
+    return nn.Sequential(*body, *head).to(dtype)
+
+
+def images(num_tasks, n, channels, size, classes=4, dtype=F64, seed=1, mse_out=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tasks, n, channels, size, size, generator=g, dtype=dtype)
+    if mse_out is not None:
+        return x, torch.randn(num_tasks, n, mse_out, generator=g, dtype=dtype)
+    return x, torch.randint(0, classes, (num_tasks, n), generator=g)
+
+
+def per_task_point(tm, num_tasks, dtype=F64, scale=0.1, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [p.detach() + scale * torch.randn(num_tasks, *p.shape, generator=g, dtype=dtype)
+            for p in tm.theta_adapted()]
+
+
+def directions(like, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in like]
+
+
+@pytest.fixture
+def generic_paths_forbidden(monkeypatch):
+    """Every generic batching raises: what passes ran fused only."""
+    def boom(*args, **kwargs):
+        raise AssertionError("the generic path ran where the fused conv path should have")
+
+    for name in ("over_tasks", "_loop_grad_autograd", "_loop_hvp_double_backward", "_stacked_grad", "_stacked_hvp",
+                 "loop_last_step"):
+        monkeypatch.setattr(hvp_module, name, boom)
+
+
+@pytest.fixture
+def fused_path_forbidden(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("the fused conv path ran where it should not")
+
+    monkeypatch.setattr(fused_conv, "grad", boom)
+    monkeypatch.setattr(fused_conv, "hvp", boom)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients and HVPs against plain autograd
+# ---------------------------------------------------------------------------------------------
+MODELS = {
+    "conv4": (lambda dtype: conv4(dtype=dtype), 1, 16, None, F.cross_entropy),
+    "no_bias_no_affine": (lambda dtype: sequential("no_bias_no_affine", dtype), 2, 12, None, F.cross_entropy),
+    "strided_two_linear": (lambda dtype: sequential("strided_two_linear", dtype), 2, 14, None, F.cross_entropy),
+    "nested_dilated_mse": (lambda dtype: sequential("nested", dtype), 2, 12, 3, mse_loss),
+}
+
+
+def setup(name, num_tasks=3, n=5, dtype=F64, adapt="all"):
+    make, channels, size, mse_out, loss = MODELS[name]
+    net = make(dtype)
+    tm = TaskModel(net, loss, adapt=adapt)
+    data = images(num_tasks, n, channels, size, dtype=dtype, mse_out=mse_out,
+                  classes=3 if name != "conv4" else 4)
+    return net, tm, data
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_gradients_equal_autograd(name):
+    _, tm, (x, y) = setup(name)
+    assert fused_conv.why_not(tm) is None
+    phi = per_task_point(tm, 3)
+    got = batched_grad(tm.task_loss, phi, [], x, y, batching="fused_conv")
+    ref = batched_grad(tm.task_loss, phi, [], x, y, batching="loop")
+    assert torch.allclose(got[0], ref[0], rtol=1e-12, atol=0)
+    assert rel_err(got[1], ref[1]) < TOL
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("shared", [False, True])
+def test_hvps_equal_double_backward(name, shared):
+    _, tm, (x, y) = setup(name)
+    point = tm.theta_adapted() if shared else per_task_point(tm, 3)
+    v = directions(per_task_point(tm, 3))
+    got, _ = hvp(tm.task_loss, point, v, x, y, mode="exact", shared_params=shared, batching="fused_conv")
+    ref, _ = hvp(tm.task_loss, point, v, x, y, mode="reverse_over_reverse", shared_params=shared, batching="loop")
+    assert rel_err(got, ref) < TOL
+    summed, _ = hvp(tm.task_loss, point, v, x, y, shared_params=shared, batching="fused_conv", sum_tasks=True)
+    assert rel_err(summed, [h.sum(0) for h in ref]) < TOL
+
+
+def test_hvp_is_symmetric():
+    _, tm, (x, y) = setup("conv4")
+    phi = per_task_point(tm, 3)
+    u, w = directions(phi, seed=5), directions(phi, seed=6)
+    hu, _ = hvp(tm.task_loss, phi, u, x, y, batching="fused_conv")
+    hw, _ = hvp(tm.task_loss, phi, w, x, y, batching="fused_conv")
+    dot = lambda a, b: sum((p * q).flatten(1).sum(1) for p, q in zip(a, b))  # noqa: E731 (per task)
+    assert torch.allclose(dot(w, hu), dot(u, hw), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("adapt", ["head", ["features.4.weight", "features.5.bias", "head.bias"]])
+def test_subsets_give_the_mixed_block(adapt):
+    _, tm, (x, y) = setup("conv4", adapt=adapt)
+    fixed = [p.detach() for p in tm.theta_fixed()]
+    phi = per_task_point(tm, 3)
+    v = directions(phi)
+    got_a, got_f = hvp(tm.task_loss, phi, v, x, y, fixed=fixed, batching="fused_conv")
+    ref_a, ref_f = hvp(tm.task_loss, phi, v, x, y, fixed=fixed, mode="reverse_over_reverse", batching="loop")
+    assert rel_err(got_a, ref_a) < TOL and rel_err(got_f, ref_f) < TOL
+    g = batched_grad(tm.task_loss, phi, fixed, x, y, wrt_fixed=True, batching="fused_conv")
+    r = batched_grad(tm.task_loss, phi, fixed, x, y, wrt_fixed=True, batching="loop")
+    assert rel_err(g[1], r[1]) < TOL and rel_err(g[2], r[2]) < TOL
+    # without fixed tensors passed, the model's own stand in (as functional_call does)
+    alone = batched_grad(tm.task_loss, phi, [], x, y, batching="fused_conv")
+    assert rel_err(alone[1], r[1]) < TOL
+
+
+def test_float32_agrees_with_autograd_to_rounding():
+    _, tm, (x, y) = setup("conv4", dtype=torch.float32)
+    phi = per_task_point(tm, 3, dtype=torch.float32)
+    v = directions(phi)
+    got, _ = hvp(tm.task_loss, phi, v, x, y, batching="fused_conv")
+    ref, _ = hvp(tm.task_loss, phi, v, x, y, mode="reverse_over_reverse", batching="loop")
+    assert got[0].dtype == torch.float32
+    assert rel_err(got, ref) < 1e-5
+    g = batched_grad(tm.task_loss, phi, [], x, y, batching="fused_conv")[1]
+    r = batched_grad(tm.task_loss, phi, [], x, y, batching="loop")[1]
+    assert rel_err(g, r) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------------------------
+def make_lr(form, tm, num_steps):
+    if form == "fixed":
+        return 0.3, []
+    if form == "scalar":
+        lr = torch.tensor(0.3, dtype=F64, requires_grad=True)
+        return lr, [lr]
+    lr = lslr_step_sizes(tm, num_steps, 0.2, dtype=F64) if form == "lslr" else meta_sgd_step_sizes(tm, 0.2, dtype=F64)
+    return lr, list(lr.parameters())
+
+
+ENGINE_CASES = [  # (model, K, T, step sizes, adapt, algorithm)
+    ("conv4", 1, 1, "fixed", "all", "maml"),
+    ("conv4", 2, 3, "lslr", "all", "maml"),
+    ("conv4", 5, 3, "meta_sgd", "all", "maml"),
+    ("conv4", 2, 8, "scalar", "head", "maml"),
+    ("strided_two_linear", 2, 3, "lslr", ["0.weight", "8.weight", "10.bias"], "maml"),
+    ("nested_dilated_mse", 2, 3, "scalar", "all", "maml"),
+    ("conv4", 2, 3, "scalar", "all", "fomaml"),
+]
+
+
+@pytest.mark.parametrize("name,num_steps,num_tasks,lr_form,adapt,algorithm", ENGINE_CASES)
+def test_meta_gradients_equal_the_autograd_reference(name, num_steps, num_tasks, lr_form, adapt, algorithm,
+                                                     generic_paths_forbidden):
+    net, tm, sup = setup(name, num_tasks=num_tasks, adapt=adapt)
+    _, _, qry = setup(name, num_tasks=num_tasks, n=7)
+    lr, lrs = make_lr(lr_form, tm, num_steps)
+    params = list(net.parameters()) + lrs
+    kw = dict(support=sup, query=qry, num_steps=num_steps, lr=lr, algorithm=algorithm)
+    ref = grads_of(maml_loss(tm, engine="autograd", **kw), params)
+    got = grads_of(maml_loss(tm, **kw), params)
+    assert rel_err(got, ref) < TOL
+    if lrs:
+        assert rel_err(got[-len(lrs):], ref[-len(lrs):]) < TOL
+
+
+def test_finite_difference_modes_use_fused_gradients(generic_paths_forbidden):
+    net, tm, sup = setup("conv4")
+    _, _, qry = setup("conv4", n=7)
+    params = list(net.parameters())
+    exact = grads_of(maml_loss(tm, support=sup, query=qry, num_steps=2, lr=0.3), params)
+    fd = grads_of(maml_loss(tm, support=sup, query=qry, num_steps=2, lr=0.3, hvp_mode="fd_central"), params)
+    assert rel_err(fd, exact) < 1e-5
+
+
+def test_running_statistics_are_untouched():
+    net, tm, sup = setup("conv4")
+    _, _, qry = setup("conv4", n=7)
+    before = {k: v.clone() for k, v in net.state_dict().items() if "running" in k or "num_batches" in k}
+    maml_loss(tm, support=sup, query=qry, num_steps=2, lr=0.3).backward()
+    for k, v in before.items():
+        assert torch.equal(net.state_dict()[k], v), k
+
+
+# ---------------------------------------------------------------------------------------------
+# Where it steps aside
+# ---------------------------------------------------------------------------------------------
+def _with_hook():
+    net = sequential("no_bias_no_affine")
+    net[2].register_forward_hook(lambda *a: None)
+    return net
+
+
+UNSUPPORTED = {
+    "grouped conv": lambda: nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 10 * 10, 3)),
+    "3x3 pool": lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.MaxPool2d(3), nn.Flatten(), nn.Linear(4 * 3 * 3, 3)),
+    "average pool": lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(4 * 25, 3)),
+    "no flatten": lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU()),
+    "batch norm first": lambda: nn.Sequential(nn.BatchNorm2d(2), nn.Conv2d(2, 4, 3), nn.Flatten(),
+                                              nn.Linear(4 * 10 * 10, 3)),
+    "hook": _with_hook,
+    "mlp": lambda: MLP(4, (5,), 3),
+}
+
+
+@pytest.mark.parametrize("name", list(UNSUPPORTED))
+def test_unsupported_models_are_named_and_left_to_the_generic_path(name, fused_path_forbidden):
+    net = UNSUPPORTED[name]().double()
+    tm = TaskModel(net, F.cross_entropy)
+    assert isinstance(fused_conv.why_not(tm), str)
+    if name not in ("mlp", "no flatten"):
+        x, y = images(2, 5, 2, 12, classes=3)
+        batched_grad(tm.task_loss, tm.initial_adapted(tm.theta_adapted(), 2), [], x, y, batching="auto")
+
+
+def test_unknown_loss_is_not_fused():
+    tm = TaskModel(conv4(), lambda out, y: F.cross_entropy(out, y))
+    assert "loss" in fused_conv.why_not(tm)
+
+
+@pytest.mark.parametrize("switch", ["loop", "stock_kernels", "reference_backend"])
+def test_switches_leave_the_generic_path(switch, fused_path_forbidden, monkeypatch):
+    net, tm, (x, y) = setup("conv4")
+    phi = per_task_point(tm, 3)
+    if switch == "loop":
+        batched_grad(tm.task_loss, phi, [], x, y, batching="loop")
+        return
+    if switch == "reference_backend":
+        monkeypatch.setenv("FASTMAML_BACKEND", "reference")
+        batched_grad(tm.task_loss, phi, [], x, y, batching="auto")
+        return
+    with stock_kernels():
+        batched_grad(tm.task_loss, phi, [], x, y, batching="auto")
+
+
+def test_model_changes_rebuild_the_plan():
+    net = sequential("no_bias_no_affine")
+    tm = TaskModel(net, F.cross_entropy)
+    assert fused_conv.plan_for(tm) is not None
+    net[2].register_forward_hook(lambda *a: None)
+    assert fused_conv.plan_for(tm) is None
