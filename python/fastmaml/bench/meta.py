@@ -19,14 +19,17 @@ Providers of the second-order meta-gradient (d mean_t L_query / d theta):
   learn2learn     peer (when installed): per-task loop with l2l.algorithms.MAML clone/adapt
   fastmaml_exact  maml_loss(hvp_mode="exact"), what users get by default: custom backward recursion with
                   the faster exact HVP for the batching (C: the fused MLP path, hand-written gradients and
-                  R-operator HVPs; A, B: double backward in the per-task loop)
+                  R-operator HVPs; A, B: the fused conv path, the same for conv nets per task)
+  fastmaml_loop   maml_loss(batching="loop"): the per-task autograd loop with the layer kernels and a
+                  double-backward HVP, what A and B ran before the fused conv path
   fastmaml_fwdrev, fastmaml_revrev, fastmaml_stacked (on request): one HVP mode or batching forced (on
                   the fused MLP path every exact mode is the same R-operator)
   fastmaml_vmap   (on request) maml_loss(batching="vmap"): the generic vmap path, what "auto" ran on C
                   before the fused MLP path
-  fastmaml_nolast, fastmaml_keepfirst (on request): fastmaml_exact with reuse_last_step=False (every
+  fastmaml_nolast, fastmaml_keepfirst (on request): fastmaml_loop with reuse_last_step=False (every
                   HVP recomputes its support pass, as before) / with keep_first_graph=True
-  fastmaml_stock_ops  fastmaml_exact with torch's own max-pool, relu and batch norm (``stock_kernels()``):
+  fastmaml_stock_ops  fastmaml_exact with torch's own max-pool, relu and batch norm (``stock_kernels()``,
+                  which also turns the fused conv path off: the per-task autograd loop on torch's ops):
                   what the engine's compiled layer kernels contribute on the conv workloads (the same
                   results; batch norm's channel sums are added in another order)
   fastmaml_fresh_blocks  (on request) fastmaml_exact without the reuse of freed CPU blocks
@@ -77,8 +80,8 @@ from ._common import (add_level_options, append_csv, counted_gflop, environment,
 ERR_FLOOR = 1e-3
 # fastmaml_fd32 (forward differences in float32) is not run by default: on these ReLU / max-pool
 # nets its error is 7e-2 to 1e3 relative (docs/meta.md); ask for it with --providers.
-PROVIDERS = ("loop_autograd", "func_vmap", "higher", "learn2learn", "fastmaml_exact", "fastmaml_stock_ops",
-             "fastmaml_fd64")
+PROVIDERS = ("loop_autograd", "func_vmap", "higher", "learn2learn", "fastmaml_exact", "fastmaml_loop",
+             "fastmaml_stock_ops", "fastmaml_fd64")
 OPTIONAL_PROVIDERS = ("fastmaml_fd32", "fastmaml_fwdrev", "fastmaml_revrev", "fastmaml_stacked", "fastmaml_vmap",
                       "fastmaml_nolast", "fastmaml_keepfirst", "fastmaml_fresh_blocks")
 BASELINES = ("loop_autograd", "func_vmap", "higher", "learn2learn")
@@ -178,8 +181,9 @@ def provider_fn(provider: str, net, loss_fn, support, query, num_steps: int, lr:
           "fastmaml_fd64": dict(hvp_mode="fd_central", fd_dtype=torch.float64),
           "fastmaml_fd32": dict(hvp_mode="fd_forward"),
           "fastmaml_revrev": dict(hvp_mode="reverse_over_reverse"),
-          "fastmaml_nolast": dict(hvp_mode="exact", reuse_last_step=False),
-          "fastmaml_keepfirst": dict(hvp_mode="exact", keep_first_graph=True),
+          "fastmaml_loop": dict(hvp_mode="exact", batching="loop"),
+          "fastmaml_nolast": dict(hvp_mode="exact", batching="loop", reuse_last_step=False),
+          "fastmaml_keepfirst": dict(hvp_mode="exact", batching="loop", keep_first_graph=True),
           "fastmaml_fresh_blocks": dict(hvp_mode="exact")}[provider]  # run inside no_block_reuse()
     ops = {"fastmaml_stock_ops": stock_kernels, "fastmaml_fresh_blocks": no_block_reuse}.get(provider,
                                                                                             contextlib.nullcontext)
@@ -454,6 +458,14 @@ def run_hvp(tasks: int, repeats: int, env, device="cpu") -> list[dict]:
                                                              batching="loop")[0], True),
         "fd_forward float32 (per-task loop, layer kernels)": (
             lambda: hvp(tm.task_loss, phi, v, xs, ys, mode="fd_forward", saved_grad=g, batching="loop")[0], True),
+        # what the engine runs for conv nets on the CPU now: fastmaml.meta.fused_conv
+        "gradient (fused conv)": (lambda: batched_grad(tm.task_loss, phi, [], xs, ys, batching="fused_conv")[1],
+                                  False),
+        "exact R-operator (fused conv)": (lambda: hvp(tm.task_loss, phi, v, xs, ys, mode="exact",
+                                                      batching="fused_conv")[0], True),
+        "fd_forward float32 (fused conv)": (
+            lambda: hvp(tm.task_loss, phi, v, xs, ys, mode="fd_forward", saved_grad=g, batching="fused_conv")[0],
+            True),
     }
     rows = []
     for name, (fn, is_hvp) in progress(cases.items(), "hvp", total=len(cases)):
