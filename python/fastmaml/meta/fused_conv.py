@@ -377,7 +377,8 @@ def task_grad(plan: ConvPlan, P, x: Tensor, y: Tensor, want) -> tuple:
     out, saved = _forward(plan, P, x, keep_xhat=False)
     loss, g, _ = _loss_grad(plan, out, y)
     grads = {}
-    for layer, s in zip(reversed(plan.layers), reversed(saved)):
+    for layer in reversed(plan.layers):
+        s = saved.pop()  # dropped after its layer, as autograd frees saved tensors (peak memory)
         if isinstance(layer, Dense):
             if want(layer.weight):
                 grads[layer.weight] = g.t().mm(s)
@@ -468,7 +469,8 @@ def task_hvp(plan: ConvPlan, P, D, x: Tensor, y: Tensor, want) -> dict:
     dg = None if d is None else _loss_r(plan, d, probs, n)
     hv = {}
     # R-backward: g (gradient at the layer output) and dg (its tangent), from the head down
-    for layer, s, dx in zip(reversed(plan.layers), reversed(saved), reversed(tangents)):
+    for layer in reversed(plan.layers):
+        s, dx = saved.pop(), tangents.pop()
         if isinstance(layer, Dense):
             wt = P(layer.weight)
             dw = D(layer.weight)
