@@ -51,6 +51,15 @@ TORCH_LIBRARY(fastmaml, m) {
         " -> (Tensor gx, Tensor gw, Tensor gb)");
   m.def("batch_norm_train_double_backward(Tensor ggx, Tensor ggw, Tensor ggb, Tensor gy, Tensor x, Tensor weight, "
         "Tensor mean, Tensor invstd) -> (Tensor gx, Tensor gw, Tensor ggy)");
+  // The derivatives of batch norm followed by a 2x2 max-pool, as one layer (csrc/cpu/bn_pool_cpu.cpp):
+  // backward, the pooled output's tangent and the tangent of the backward (the R-operator of the
+  // fused conv path), with the pool's gradients and tangents read only at the windows' argmaxes.
+  m.def("batch_norm_pool2x2_backward(Tensor g, Tensor code, Tensor x, Tensor weight, Tensor mean, Tensor invstd)"
+        " -> (Tensor gx, Tensor gw, Tensor gb)");
+  m.def("batch_norm_pool2x2_jvp(Tensor dx, Tensor code, Tensor x, Tensor weight, Tensor dw, Tensor db, Tensor mean, "
+        "Tensor invstd) -> Tensor");
+  m.def("batch_norm_pool2x2_hvp_backward(Tensor g, Tensor dg, Tensor code, Tensor dx, Tensor x, Tensor weight, "
+        "Tensor dw, Tensor mean, Tensor invstd, bool want_gx) -> (Tensor dgx, Tensor gx, Tensor hw, Tensor hb)");
 }
 
 namespace py = pybind11;

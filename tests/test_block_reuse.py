@@ -92,7 +92,11 @@ def test_a_request_that_finds_no_block_gives_back_as_few_kept_bytes_as_it_can():
         blocks = [torch.empty(n * MB // 4) for n in (1, 2, 8)]  # peak of live blocks: 11 MB
         del blocks  # all three kept
         assert block_reuse_stats()["cached_bytes"] == 11 * MB
-        other = torch.empty(3 * MB // 4)  # no 3 MB block: 3 MB must go, the 8 MB block alone makes room
+        other = torch.empty(3 * MB // 4)  # no 3 MB block: 3 MB must go, the 1 and 2 MB blocks (not the 8)
+        s = block_reuse_stats()
+        assert s["cached_bytes"] == 8 * MB and s["live_bytes"] + s["cached_bytes"] <= s["peak_live_bytes"]
+        del other
+        other = torch.empty(5 * MB // 4)  # 5 MB must go: the 3 MB block is not enough, the 8 MB one alone is
         s = block_reuse_stats()
         assert s["cached_bytes"] == 3 * MB and s["live_bytes"] + s["cached_bytes"] <= s["peak_live_bytes"]
         del other

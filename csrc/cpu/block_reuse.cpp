@@ -11,8 +11,8 @@
 // straight back.
 //
 // Memory: kept and live blocks together never exceed the scope's peak of live blocks (what the
-// call holds without reuse): a request that finds no block first gives back kept blocks until
-// the new one fits under that peak (the smallest one that makes room, else the largest). Blocks are matched by size class (rounded up
+// call holds without reuse): a request that finds no block first gives back as few kept bytes
+// as make the new one fit under that peak (one block or the smallest ones). Blocks are matched by size class (rounded up
 // to 4 KB; a block up to 1/8 larger is accepted); at most `limit` bytes are kept
 // (FASTMAML_CPU_BLOCK_REUSE_MB, default 1024; 0 turns scopes off). Smaller requests are served
 // by c10::alloc_cpu, as PyTorch's default allocator serves them.
@@ -82,11 +82,10 @@ class BlockReuseAllocator final : public c10::Allocator {
         // Kept and live blocks together stay within the scope's peak of live blocks, what the
         // call holds without reuse: a new block first pushes out kept ones, as few bytes as
         // possible. Oldest-first had a small request at the start of a task push out a 68 MB
-        // activation block that the same task asked for again later (workload B's query pass:
-        // 30 misses per task, each refaulting its pages).
+        // activation block that the same task asked for again later (workload B's query pass).
         if (live_bytes + rounded > peak_live_bytes) peak_live_bytes = live_bytes + rounded;
-        while (!free_blocks.empty() && live_bytes + rounded + cached_bytes > peak_live_bytes) {
-          drop_fitting_locked(live_bytes + rounded + cached_bytes - peak_live_bytes);
+        if (live_bytes + rounded + cached_bytes > peak_live_bytes) {
+          make_room_locked(live_bytes + rounded + cached_bytes - peak_live_bytes);
         }
       }
     }
@@ -128,11 +127,23 @@ class BlockReuseAllocator final : public c10::Allocator {
     c10::free_cpu(p);
   }
 
-  // Frees the smallest kept block of at least `deficit` bytes, or the largest when none is that
-  // large. Caller holds `mu`, free_blocks is not empty.
-  void drop_fitting_locked(size_t deficit) {
-    auto it = free_blocks.lower_bound(deficit);
-    if (it == free_blocks.end()) --it;
+  // Frees kept blocks worth at least `deficit` bytes, as few bytes as it can: the smallest block
+  // that covers the deficit alone, or the smallest blocks in turn when their total is lower (a
+  // 17 MB request must not push out a 68 MB block if 17 MB of small ones do). Every freed byte
+  // is a page to fault in again when its size is asked for next. Caller holds `mu`.
+  void make_room_locked(size_t deficit) {
+    auto single = free_blocks.lower_bound(deficit);
+    size_t small_total = 0;
+    auto stop = free_blocks.begin();
+    while (stop != free_blocks.end() && small_total < deficit) small_total += (stop++)->first;
+    if (single != free_blocks.end() && (small_total < deficit || single->first <= small_total)) {
+      drop_block_locked(single);
+      return;
+    }
+    while (free_blocks.begin() != stop) drop_block_locked(free_blocks.begin());
+  }
+
+  void drop_block_locked(std::multimap<size_t, std::pair<uint64_t, void*>>::iterator it) {
     cached_bytes -= it->first;
     c10::free_cpu(it->second.second);
     by_age.erase(it->second.first);
