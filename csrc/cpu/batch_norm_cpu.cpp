@@ -32,6 +32,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "bn_centre.h"
+
 #include "cpu_features.h"
 
 namespace fastmaml {
@@ -48,16 +50,6 @@ namespace {
 
 // Channel sums: each row's (S entries) in the input type, by `omp simd` reductions (which let the
 // compiler keep vector partial sums; -fopenmp-simd is on for this target), rows added in double.
-
-// x - mean with the mean (a double) split in two of T: x - hi is exact for x near the mean, and
-// subtracting lo keeps the digits a mean rounded to float32 would lose when |mean| >> std.
-template <typename T>
-struct Centre {
-  double value;
-  T hi, lo;
-  explicit Centre(double m) : value(m), hi(static_cast<T>(m)), lo(static_cast<T>(m - static_cast<double>(hi))) {}
-  T of(T x) const { return (x - hi) - lo; }
-};
 
 struct Shape {
   int64_t n, c, s;  // x viewed as [n, c, s]

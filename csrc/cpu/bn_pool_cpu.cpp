@@ -42,6 +42,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "bn_centre.h"
+
 namespace fastmaml {
 namespace {
 
@@ -52,15 +54,6 @@ struct Planes {
   // input offset (within a plane) of the argmax of pooled entry (i, j) with code k
   int64_t at(int64_t i, int64_t j, uint8_t k) const { return (2 * i + (k >> 1)) * w + 2 * j + (k & 1); }
   double count() const { return static_cast<double>(n * h * w); }
-};
-
-// x - mean with the mean split in two of T (as batch_norm_cpu.cpp's Centre): exact near the mean.
-template <typename T>
-struct Centre {
-  double value;
-  T hi, lo;
-  explicit Centre(double m) : value(m), hi(static_cast<T>(m)), lo(static_cast<T>(m - static_cast<double>(hi))) {}
-  T of(T x) const { return (x - hi) - lo; }
 };
 
 // sum over the pooled entries of u and of u (x - m) at the argmaxes, and of u dx at the argmaxes

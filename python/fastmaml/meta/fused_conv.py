@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from ..ops import bn_pool as _bn_pool  # noqa: F401 (the merged layer's kernels: their fakes)
 from ..ops._native_cpu import native_available, plain_cpu_float
 from ..ops.cpu_kernels import layer_kernels_enabled
-from .fused_mlp import _global_hooks, _has_hooks, _loss_kind
+from .fused_mlp import _global_hooks, _has_hooks, _loss_kind, cached_plan
 from .models import Conv4
 
 _ops = torch.ops.fastmaml
@@ -256,13 +256,7 @@ def why_not(task_model) -> Optional[str]:
 
 def plan_for(task_model) -> Optional[ConvPlan]:
     """The fused plan for a ``TaskModel`` (cached, rebuilt when the model changes), or ``None``."""
-    key = _fingerprint(task_model)
-    cached = getattr(task_model, "_fused_conv_plan", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    plan = _build(task_model)[0]
-    task_model._fused_conv_plan = (key, plan)
-    return plan
+    return cached_plan(task_model, "_fused_conv_plan", _fingerprint, _build)
 
 
 _INT_DTYPES = (torch.int64, torch.uint8)
@@ -370,6 +364,12 @@ def _forward(plan: ConvPlan, P, x: Tensor, keep_xhat: bool):
     return h, saved
 
 
+def _bn_directions(layer, D):
+    """``(dw, db)`` of a batch norm's affine parameters (None where absent or zero)."""
+    return (D(layer.weight) if layer.weight is not None else None,
+            D(layer.bias) if layer.bias is not None else None)
+
+
 def _bn_affine(layer: BatchNorm, P, h: Tensor):
     c = h.shape[1]
     w = P(layer.weight) if layer.weight is not None else h.new_ones(c)
@@ -471,8 +471,7 @@ def task_hvp(plan: ConvPlan, P, D, x: Tensor, y: Tensor, want) -> dict:
         elif isinstance(layer, BatchNorm):
             h, w, mean, invstd, xhat = s
             tangents.append(d)
-            dw = D(layer.weight) if layer.weight is not None else None
-            db = D(layer.bias) if layer.bias is not None else None
+            dw, db = _bn_directions(layer, D)
             da = None
             if d is not None:
                 da = _ops.batch_norm_train_backward(d, h, w, mean, invstd)[0]  # w r P(dz)
@@ -485,8 +484,7 @@ def task_hvp(plan: ConvPlan, P, D, x: Tensor, y: Tensor, want) -> dict:
         elif isinstance(layer, BatchNormPool):
             h, w, mean, invstd, code = s
             tangents.append(d)
-            dw = D(layer.weight) if layer.weight is not None else None
-            db = D(layer.bias) if layer.bias is not None else None
+            dw, db = _bn_directions(layer, D)
             if d is not None or dw is not None or db is not None:
                 zero_c = w.new_zeros(w.shape)
                 d = _ops.batch_norm_pool2x2_jvp(d if d is not None else torch.zeros_like(h), code, h, w,
@@ -543,7 +541,7 @@ def task_hvp(plan: ConvPlan, P, D, x: Tensor, y: Tensor, want) -> dict:
             dg = None if dg is None else _ops.bitmask_select(dg, s)
         elif isinstance(layer, BatchNorm):
             h, w, mean, invstd, _ = s
-            dw = D(layer.weight) if layer.weight is not None else None
+            dw = _bn_directions(layer, D)[0]
             ngx = hw_ = hb = None
             if dg is not None:
                 ngx, hw_, hb = _ops.batch_norm_train_backward(dg, h, w, mean, invstd)
@@ -561,7 +559,7 @@ def task_hvp(plan: ConvPlan, P, D, x: Tensor, y: Tensor, want) -> dict:
             dg = ngx
         elif isinstance(layer, BatchNormPool):
             h, w, mean, invstd, code = s
-            dw = D(layer.weight) if layer.weight is not None else None
+            dw = _bn_directions(layer, D)[0]
             first = _is_first_block(plan, layer)  # nobody needs the first block's primal input gradient
             if dg is None and dx is None and dw is None:  # no tangent reaches this block
                 g = None if first else _ops.batch_norm_pool2x2_backward(g, code, h, w, mean, invstd)[0]

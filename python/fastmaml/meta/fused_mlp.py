@@ -184,17 +184,23 @@ def why_not(task_model) -> Optional[str]:
     return _build(task_model)[1]
 
 
+def cached_plan(task_model, attr: str, fingerprint, build):
+    """``build(task_model)[0]``, cached on the TaskModel under ``attr`` and rebuilt when
+    ``fingerprint(task_model)`` changes (the fused paths' plans)."""
+    key = fingerprint(task_model)
+    cached = getattr(task_model, attr, None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    plan = build(task_model)[0]
+    setattr(task_model, attr, (key, plan))
+    return plan
+
+
 def plan_for(task_model) -> Optional[MLPPlan]:
     """The fused plan for a ``TaskModel``, or ``None`` when the model or loss is not supported
     (``why_not`` says why). Cached on the TaskModel and rebuilt when the model changes (children,
     parameters, hooks, loss settings)."""
-    key = _fingerprint(task_model)
-    cached = getattr(task_model, "_fused_plan", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    plan = _build(task_model)[0]
-    task_model._fused_plan = (key, plan)
-    return plan
+    return cached_plan(task_model, "_fused_plan", _fingerprint, _build)
 
 
 _INT_DTYPES = (torch.int64, torch.uint8)  # what F.cross_entropy takes as class indices
