@@ -460,13 +460,13 @@ def task_hvp(plan: ConvPlan, P, D, x: Tensor, y: Tensor, want) -> dict:
             tangents.append(d)  # the input tangent, for the backward
             dw, db = D(layer.weight), (D(layer.bias) if layer.bias is not None else None)
             wt = P(layer.weight)
-            dz = None if d is None else F.conv2d(d, wt, None, *_conv_args(layer))
-            if dw is not None:
-                dz = _add(dz, F.conv2d(s, dw, None, *_conv_args(layer)))
-            if db is not None:
-                if dz is None:
-                    dz = s.new_zeros(s.shape[0], wt.shape[0], *_conv_out_hw(s, wt, layer))
-                dz.add_(db.view(1, -1, 1, 1))
+            dz = None
+            if dw is not None:  # conv(x, dW) + db: the bias tangent rides as the conv's bias
+                dz = F.conv2d(s, dw, db, *_conv_args(layer))
+            elif db is not None:
+                dz = s.new_zeros(s.shape[0], wt.shape[0], *_conv_out_hw(s, wt, layer)).add_(db.view(1, -1, 1, 1))
+            if d is not None:
+                dz = _add(dz, F.conv2d(d, wt, None, *_conv_args(layer)))
             d = dz
         elif isinstance(layer, BatchNorm):
             h, w, mean, invstd, xhat = s
@@ -632,21 +632,48 @@ def _getter(plan: ConvPlan, params, fixed, t: int, shared: bool):
     return get
 
 
+class _Rows:
+    """The ``[T, ...]`` outputs of a loop over tasks (or their sums over tasks), written in place
+    as each task finishes: no per-task list to stack at the end. A slot a task left out is zero."""
+
+    def __init__(self, plan: ConvPlan, keys, num_tasks: int, like: Tensor, summed: bool = False):
+        lead = () if summed else (num_tasks,)
+        self.summed = summed
+        self.out = {k: like.new_zeros(lead + plan.shapes[k]) if summed else like.new_empty(lead + plan.shapes[k])
+                    for k in keys}
+
+    def put(self, t: int, values: dict) -> None:
+        for k, dst in self.out.items():
+            h = values.get(k)
+            if self.summed:
+                if h is not None:
+                    dst.add_(h)
+            elif h is None:
+                dst[t].zero_()
+            else:
+                dst[t].copy_(h)
+
+    def lists(self, n_a: int, n_f: int):
+        return [self.out[(True, i)] for i in range(n_a)], [self.out[(False, i)] for i in range(n_f) if (False, i)
+                                                           in self.out]
+
+
 def grad(plan: ConvPlan, params: Sequence[Tensor], fixed: Sequence[Tensor], x: Tensor, y: Tensor, *,
          wrt_fixed: bool = False, shared: bool = False):
     """Per-task losses and gradients, like ``hvp.batched_grad``: ``(losses [T], grads_params,
     grads_fixed)``."""
     n_a, n_f = len(params), len(plan.module_fixed or fixed)
     want = (lambda where: True) if wrt_fixed else (lambda where: where[0])
-    losses, rows = [], []
+    num_tasks = x.shape[0]
+    rows = _Rows(plan, [k for k in plan.shapes if want(k)], num_tasks, x)
+    losses = x.new_empty(num_tasks)
     with torch.no_grad():
-        for t in range(x.shape[0]):
+        for t in range(num_tasks):
             loss, g = task_grad(plan, _getter(plan, params, fixed, t, shared), x[t], y[t], want)
-            losses.append(loss)
-            rows.append(g)
-        ga = [torch.stack([r[(True, i)] for r in rows]) for i in range(n_a)]
-        gf = [torch.stack([r[(False, i)] for r in rows]) for i in range(n_f)] if wrt_fixed else []
-        return torch.stack(losses), ga, gf
+            losses[t] = loss
+            rows.put(t, g)
+        ga, gf = rows.lists(n_a, n_f)
+        return losses, ga, (gf if wrt_fixed else [])
 
 
 def hvp(plan: ConvPlan, params: Sequence[Tensor], fixed: Sequence[Tensor], v: Sequence[Tensor], x: Tensor,
@@ -657,9 +684,7 @@ def hvp(plan: ConvPlan, params: Sequence[Tensor], fixed: Sequence[Tensor], v: Se
     fixed_given = list(fixed)
     n_f = len(fixed_given)
     want = (lambda where: True) if n_f else (lambda where: where[0])
-    out_a = [None] * n_a
-    out_f = [None] * n_f
-    rows = []
+    rows = _Rows(plan, [k for k in plan.shapes if want(k)], x.shape[0], x, summed=sum_tasks)
     with torch.no_grad():
         for t in range(x.shape[0]):
             get = _getter(plan, params, fixed_given, t, shared)
@@ -668,22 +693,5 @@ def hvp(plan: ConvPlan, params: Sequence[Tensor], fixed: Sequence[Tensor], v: Se
                 if where is None or not where[0]:
                     return None
                 return v[where[1]][t]
-            hv = task_hvp(plan, get, direction, x[t], y[t], want)
-            full = {}
-            for key in plan.shapes:
-                if not want(key):
-                    continue
-                h = hv.get(key)
-                if h is None:
-                    h = torch.zeros(plan.shapes[key], dtype=x.dtype, device=x.device)
-                full[key] = h
-            if sum_tasks:
-                for (adapted, i), h in full.items():
-                    tgt = out_a if adapted else out_f
-                    tgt[i] = h.clone() if tgt[i] is None else tgt[i].add_(h)
-            else:
-                rows.append(full)
-        if sum_tasks:
-            return out_a, out_f
-        return ([torch.stack([r[(True, i)] for r in rows]) for i in range(n_a)],
-                [torch.stack([r[(False, i)] for r in rows]) for i in range(n_f)])
+            rows.put(t, task_hvp(plan, get, direction, x[t], y[t], want))
+        return rows.lists(n_a, n_f)
