@@ -92,3 +92,57 @@ def test_bad_arguments_are_named(bad):
         args["dw"] = dw[:2]
     with pytest.raises(RuntimeError, match=name):
         ops.batch_norm_pool2x2_hvp_backward(*args.values(), True)
+
+
+class _Layer(torch.autograd.Function):
+    """max_pool2x2(batch_norm_train(x, w, b)) with the merged kernels as its backward and its jvp."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        a, mean, invstd = ops.batch_norm_train(x, w, b, EPS)
+        out, code = ops.max_pool2x2(a)
+        ctx.save_for_backward(x, w, code, mean, invstd)
+        ctx.save_for_forward(x, w, code, mean, invstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, code, mean, invstd = ctx.saved_tensors
+        return ops.batch_norm_pool2x2_backward(g.contiguous(), code, x, w, mean, invstd)
+
+    @staticmethod
+    def jvp(ctx, dx, dw, db):
+        x, w, code, mean, invstd = ctx.saved_tensors
+        zero = torch.zeros_like(w)
+        return ops.batch_norm_pool2x2_jvp(torch.zeros_like(x) if dx is None else dx, code, x, w,
+                                          zero if dw is None else dw, zero if db is None else db, mean, invstd)
+
+
+class _LayerBackward(torch.autograd.Function):
+    """(x, w, g) -> the layer's backward (gx, gw, gb), with the R-operator kernel as its jvp."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, g):
+        a, mean, invstd = ops.batch_norm_train(x, w, b, EPS)
+        code = ops.max_pool2x2(a)[1]
+        ctx.save_for_forward(x, w, g, code, mean, invstd)
+        return ops.batch_norm_pool2x2_backward(g, code, x, w, mean, invstd)
+
+    @staticmethod
+    def jvp(ctx, dx, dw, db, dg):
+        x, w, g, code, mean, invstd = ctx.saved_tensors
+        dgx, _, hw, hb = ops.batch_norm_pool2x2_hvp_backward(
+            g, torch.zeros_like(g) if dg is None else dg, code, torch.zeros_like(x) if dx is None else dx, x, w,
+            torch.zeros_like(w) if dw is None else dw, mean, invstd, False)
+        return dgx, hw, hb
+
+
+def test_kernels_pass_gradcheck_as_the_derivatives_of_the_layer_and_of_its_backward():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(2, 3, 3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_Layer.apply, (x, w, b), check_forward_ad=True)
+    assert torch.autograd.gradcheck(_LayerBackward.apply, (x, w, b, gy), check_forward_ad=True,
+                                    check_backward_ad=False, check_undefined_grad=False, check_batched_grad=False)

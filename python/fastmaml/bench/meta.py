@@ -10,7 +10,9 @@ Workloads (the issue's):
       activation shapes: max_pool2x2 vs F.max_pool2d, relu_bitmask vs torch.relu and
       batch_norm_train vs F.batch_norm (training mode), forward and forward + backward (batch norm
       also its double backward), with the bytes autograd saves for the backward; and the first
-      convolution (data input) with conv2d_fixed_input vs F.conv2d, fwd+bwd and double backward.
+      convolution (data input) with conv2d_fixed_input vs F.conv2d, fwd+bwd and double backward;
+      and batch norm + 2x2 max-pool differentiated as one layer (the fused conv path's kernels:
+      backward, output tangent, R-operator backward) vs torch.func over torch's two ops.
 
 Providers of the second-order meta-gradient (d mean_t L_query / d theta):
   loop_autograd   baseline: per-task loop, torch.autograd.grad(create_graph=True) (learn2learn pattern)
@@ -554,7 +556,61 @@ def run_layers(shapes, repeats: int, env, device="cpu") -> list[dict]:
                 times[(provider, "saved")] = _saved_bytes(lambda: fn(xg)) / 2**20
             diff = _max_rel_diff(results["fastmaml"], results["torch"])
             rows += _layer_rows(env, op, "x".join(map(str, shape)), modes, times, diff, tol)
-    return rows + _first_conv_rows(repeats, env, device)
+    return rows + _first_conv_rows(repeats, env, device) + _bn_pool_rows(shapes, repeats, env, device)
+
+
+def _bn_pool_rows(shapes, repeats: int, env, device="cpu") -> list[dict]:
+    """Batch norm + 2x2 max-pool differentiated as one layer (the fused conv path's kernels,
+    ``batch_norm_pool2x2_*``) against torch: the backward (``autograd.grad`` through
+    ``F.batch_norm`` and ``F.max_pool2d``), the pooled output's tangent (``torch.func.jvp``) and the
+    tangent of the backward (``jvp`` of ``vjp``, the R-operator). The kernels take the forward's
+    pool code and statistics, computed once outside the timing. Timed in float32; the difference
+    is taken in float64, where the two sides' pools pick the same argmaxes (in float32 a window
+    whose two largest entries differ by rounding can go either way between two batch norms that
+    add their sums in different orders: 8e-3 on B's first block). CPU only."""
+    from torch.func import jvp, vjp
+
+    from ..ops._native_cpu import native_available
+    from ..reference.bn_pool import _layer
+
+    if torch.device(device).type != "cpu" or not native_available("batch_norm_pool2x2_hvp_backward"):
+        return []
+    ops = torch.ops.fastmaml
+    f = _layer(1e-5)
+
+    def cases(x, w, b, dw, db, g, dg, dx):
+        a, mean, invstd = ops.batch_norm_train(x, w, b, 1e-5)
+        code = ops.max_pool2x2(a)[1]
+        xg = x.clone().requires_grad_()
+
+        def grads(x_, w_, g_):
+            return vjp(f, x_, w_, b)[1](g_)
+
+        return {  # mode: (torch's, ours)
+            "backward": (lambda: torch.autograd.grad(f(xg, w, b), xg, g)[0],
+                         lambda: ops.batch_norm_pool2x2_backward(g, code, x, w, mean, invstd)[0]),
+            "jvp": (lambda: jvp(f, (x, w, b), (dx, dw, db))[1],
+                    lambda: ops.batch_norm_pool2x2_jvp(dx, code, x, w, dw, db, mean, invstd)),
+            "R-op backward": (lambda: jvp(grads, (x, w, g), (dx, dw, dg))[1][0],
+                              lambda: ops.batch_norm_pool2x2_hvp_backward(g, dg, code, dx, x, w, dw, mean, invstd,
+                                                                          True)[0]),
+        }
+
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for shape in shapes:
+        pooled = (shape[0], shape[1], shape[2] // 2, shape[3] // 2)
+        args = [torch.randn(shape, generator=gen)] + [torch.randn(shape[1], generator=gen) for _ in range(4)] + [
+            torch.randn(pooled, generator=gen), torch.randn(pooled, generator=gen), torch.randn(shape, generator=gen)]
+        timed, exact = cases(*args), cases(*[t.double() for t in args])
+        diff = max(_max_rel_diff([ours()], [theirs()]) for theirs, ours in exact.values())
+        times = {}
+        for mode, (torch_fn, ours_fn) in timed.items():
+            times[("torch", mode)] = time_wall_and_cpu(torch_fn, repeats, device=device)
+            times[("fastmaml", mode)] = time_wall_and_cpu(ours_fn, repeats, device=device)
+        rows += _layer_rows(env, "batch_norm + max_pool (one layer)", "x".join(map(str, shape)), tuple(timed),
+                            times, diff, 1e-10)
+    return rows
 
 
 def _max_rel_diff(ours, theirs) -> float:
