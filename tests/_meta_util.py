@@ -13,3 +13,17 @@ def grads_of(loss, params):
     """grad(loss, params) with zeros for the parameters the loss does not use."""
     gs = torch.autograd.grad(loss, params, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)]
+
+
+# fastmaml.meta.hvp's generic batchings (vmap, the autograd loop, stacked)
+GENERIC_PATHS = ("over_tasks", "_loop_grad_autograd", "_loop_hvp_double_backward", "_stacked_grad", "_stacked_hvp")
+
+
+def forbid(monkeypatch, module, names, message):
+    """Patch ``module.<name>`` for each name to raise ``AssertionError(message)``: a test then shows
+    which path did not run."""
+    def boom(*args, **kwargs):
+        raise AssertionError(message)
+
+    for name in names:
+        monkeypatch.setattr(module, name, boom)

@@ -27,7 +27,7 @@ from fastmaml.ops.cpu_kernels import stock_kernels
 hvp_module = importlib.import_module("fastmaml.meta.hvp")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _meta_util import grads_of, rel_err  # noqa: E402
+from _meta_util import GENERIC_PATHS, forbid, grads_of, rel_err  # noqa: E402
 
 F64 = torch.float64
 TOL = 1e-10
@@ -80,22 +80,14 @@ def directions(like, seed=4):
 
 @pytest.fixture
 def generic_paths_forbidden(monkeypatch):
-    """Every generic batching raises: what passes ran fused only."""
-    def boom(*args, **kwargs):
-        raise AssertionError("the generic path ran where the fused conv path should have")
-
-    for name in ("over_tasks", "_loop_grad_autograd", "_loop_hvp_double_backward", "_stacked_grad", "_stacked_hvp",
-                 "loop_last_step"):
-        monkeypatch.setattr(hvp_module, name, boom)
+    """Every generic batching (vmap, loop, stacked) raises: what passes ran fused only."""
+    forbid(monkeypatch, hvp_module, GENERIC_PATHS + ("loop_last_step",),
+           "the generic path ran where the fused conv path should have")
 
 
 @pytest.fixture
 def fused_path_forbidden(monkeypatch):
-    def boom(*args, **kwargs):
-        raise AssertionError("the fused conv path ran where it should not")
-
-    monkeypatch.setattr(fused_conv, "grad", boom)
-    monkeypatch.setattr(fused_conv, "hvp", boom)
+    forbid(monkeypatch, fused_conv, ("grad", "hvp"), "the fused conv path ran where it should not")
 
 
 # ---------------------------------------------------------------------------------------------

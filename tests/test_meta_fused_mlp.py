@@ -24,7 +24,7 @@ from fastmaml.meta.models import MLP, CaviaMLP, mse_loss
 hvp_module = importlib.import_module("fastmaml.meta.hvp")  # the package exports a function named hvp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _meta_util import grads_of, rel_err  # noqa: E402
+from _meta_util import GENERIC_PATHS, forbid, grads_of, rel_err  # noqa: E402
 
 F64 = torch.float64
 TOL = 1e-10
@@ -65,20 +65,12 @@ def make_lr(form, tm, num_steps):
 @pytest.fixture
 def generic_paths_forbidden(monkeypatch):
     """Every generic batching (vmap, loop, stacked) raises: what passes ran fused only."""
-    def boom(*args, **kwargs):
-        raise AssertionError("the generic path ran where the fused MLP path should have")
-
-    for name in ("over_tasks", "_loop_grad_autograd", "_loop_hvp_double_backward", "_stacked_grad", "_stacked_hvp"):
-        monkeypatch.setattr(hvp_module, name, boom)
+    forbid(monkeypatch, hvp_module, GENERIC_PATHS, "the generic path ran where the fused MLP path should have")
 
 
 @pytest.fixture
 def fused_path_forbidden(monkeypatch):
-    def boom(*args, **kwargs):
-        raise AssertionError("the fused path ran on a model or call it does not support")
-
-    monkeypatch.setattr(fused_mlp, "grad", boom)
-    monkeypatch.setattr(fused_mlp, "hvp", boom)
+    forbid(monkeypatch, fused_mlp, ("grad", "hvp"), "the fused path ran on a model or call it does not support")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -561,37 +561,30 @@ def run_layers(shapes, repeats: int, env, device="cpu") -> list[dict]:
 
 def _bn_pool_rows(shapes, repeats: int, env, device="cpu") -> list[dict]:
     """Batch norm + 2x2 max-pool differentiated as one layer (the fused conv path's kernels,
-    ``batch_norm_pool2x2_*``) against torch: the backward (``autograd.grad`` through
-    ``F.batch_norm`` and ``F.max_pool2d``), the pooled output's tangent (``torch.func.jvp``) and the
-    tangent of the backward (``jvp`` of ``vjp``, the R-operator). The kernels take the forward's
-    pool code and statistics, computed once outside the timing. Timed in float32; the difference
+    ``batch_norm_pool2x2_*``) against torch: their references (``fastmaml.reference.bn_pool``,
+    ``torch.func`` over ``F.batch_norm`` and ``F.max_pool2d``): the backward (``vjp``), the pooled
+    output's tangent (``jvp``) and the tangent of the backward (``jvp`` of ``vjp``, the
+    R-operator). The kernels take the forward's pool code and statistics, computed once outside
+    the timing. Timed in float32; the difference
     is taken in float64, where the two sides' pools pick the same argmaxes (in float32 a window
     whose two largest entries differ by rounding can go either way between two batch norms that
     add their sums in different orders: 8e-3 on B's first block). CPU only."""
-    from torch.func import jvp, vjp
-
     from ..ops._native_cpu import native_available
-    from ..reference.bn_pool import _layer
+    from ..reference import bn_pool as ref
 
     if torch.device(device).type != "cpu" or not native_available("batch_norm_pool2x2_hvp_backward"):
         return []
     ops = torch.ops.fastmaml
-    f = _layer(1e-5)
 
     def cases(x, w, b, dw, db, g, dg, dx):
         a, mean, invstd = ops.batch_norm_train(x, w, b, 1e-5)
         code = ops.max_pool2x2(a)[1]
-        xg = x.clone().requires_grad_()
-
-        def grads(x_, w_, g_):
-            return vjp(f, x_, w_, b)[1](g_)
-
         return {  # mode: (torch's, ours)
-            "backward": (lambda: torch.autograd.grad(f(xg, w, b), xg, g)[0],
+            "backward": (lambda: ref.batch_norm_pool2x2_backward_reference(g, x, w, b)[0],
                          lambda: ops.batch_norm_pool2x2_backward(g, code, x, w, mean, invstd)[0]),
-            "jvp": (lambda: jvp(f, (x, w, b), (dx, dw, db))[1],
+            "jvp": (lambda: ref.batch_norm_pool2x2_jvp_reference(dx, dw, db, x, w, b),
                     lambda: ops.batch_norm_pool2x2_jvp(dx, code, x, w, dw, db, mean, invstd)),
-            "R-op backward": (lambda: jvp(grads, (x, w, g), (dx, dw, dg))[1][0],
+            "R-op backward": (lambda: ref.batch_norm_pool2x2_hvp_backward_reference(g, dg, dx, dw, x, w, b)[0],
                               lambda: ops.batch_norm_pool2x2_hvp_backward(g, dg, code, dx, x, w, dw, mean, invstd,
                                                                           True)[0]),
         }

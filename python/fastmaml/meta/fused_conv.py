@@ -31,8 +31,8 @@ Supported (``plan_for``; anything else goes to the generic path, never an error)
 
 * model: ``fastmaml.meta.models.Conv4``, or an ``nn.Sequential`` (standard forward, nested
   standard ``nn.Sequential`` allowed) of ``nn.Conv2d`` (zero padding given as numbers, any
-  stride and dilation, ``groups = 1``), ``nn.BatchNorm2d`` (batch statistics are used whatever the flags, as everywhere in the
-  engine; running statistics never touched), ``nn.ReLU``, ``nn.MaxPool2d(2)`` (stride 2, no
+  stride and dilation, ``groups = 1``), ``nn.BatchNorm2d`` (batch statistics are used whatever
+  the flags, as everywhere in the engine; running statistics never touched), ``nn.ReLU``, ``nn.MaxPool2d(2)`` (stride 2, no
   padding / dilation / ceil mode), ``nn.Flatten()`` and ``nn.Linear`` in that order of kinds
   (images first, then flatten, then linear layers with ReLU between them); no hooks; every
   parameter belongs to one of these layers;
@@ -42,7 +42,7 @@ Supported (``plan_for``; anything else goes to the generic path, never an error)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import torch
@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from ..ops import bn_pool as _bn_pool  # noqa: F401 (the merged layer's kernels: their fakes)
 from ..ops._native_cpu import native_available, plain_cpu_float
 from ..ops.cpu_kernels import layer_kernels_enabled
-from .fused_mlp import _global_hooks, _has_hooks, _loss_kind, cached_plan
+from .fused_mlp import _global_hooks, _has_hooks, _loss_kind, cached_plan, call_tensors_fit, targets_fit, task_model_of
 from .models import Conv4
 
 _ops = torch.ops.fastmaml
@@ -265,22 +265,16 @@ def plan_for(task_model) -> Optional[ConvPlan]:
     return cached_plan(task_model, "_fused_conv_plan", _fingerprint, _build)
 
 
-_INT_DTYPES = (torch.int64, torch.uint8)
 # compiled ops the passes call
 _KERNELS = ("batch_norm_train", "max_pool2x2", "relu_bitmask", "batch_norm_pool2x2_hvp_backward")
 
 
 def plan_for_call(task_loss, params, fixed, task_args, shared_params: bool) -> Optional[ConvPlan]:
-    """The plan when this call (a ``TaskModel.task_loss`` on ``(x, y)``) can run fused, else ``None``."""
-    from dataclasses import replace
-
-    from .functional import TaskModel
-
-    task_model = getattr(task_loss, "__self__", None)
-    if not (isinstance(task_model, TaskModel) and getattr(task_loss, "__func__", None) is TaskModel.task_loss
-            and len(task_args) == 2):
-        return None
-    if not (layer_kernels_enabled() and all(native_available(op) for op in _KERNELS)):
+    """The plan when this call (a ``TaskModel.task_loss`` on ``(x, y)``) can run fused, else ``None``
+    (parameters and targets checked as for the MLP path: ``fused_mlp.call_tensors_fit``,
+    ``fused_mlp.targets_fit``)."""
+    task_model = task_model_of(task_loss, task_args)
+    if task_model is None or not (layer_kernels_enabled() and all(native_available(op) for op in _KERNELS)):
         return None
     plan = plan_for(task_model)
     if plan is None:
@@ -288,29 +282,12 @@ def plan_for_call(task_loss, params, fixed, task_args, shared_params: bool) -> O
     x, y = task_args
     if not (isinstance(x, Tensor) and isinstance(y, Tensor)) or x.dim() != 5 or x.shape[1] < 1:
         return None
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.shape[2] != plan.in_channels:
-        return None
-    if not plain_cpu_float(x):  # also: no torch.func transform active
+    if not plain_cpu_float(x) or x.shape[2] != plan.in_channels:  # plain: also no torch.func transform active
         return None
     num_tasks, n = x.shape[0], x.shape[1]
-    if len(params) != len(task_model.adapt_names) or len(fixed) not in (0, len(task_model.fixed_names)):
-        return None
-    module_fixed = ()
-    if not fixed and task_model.fixed_names:
-        module_fixed = tuple(t.detach() for t in task_model.theta_fixed())
-    for group, ts, per_task in ((True, params, not shared_params), (False, fixed or module_fixed, False)):
-        for i, t in enumerate(ts):
-            want = plan.shapes[(group, i)]
-            got = tuple(t.shape[1:]) if per_task else tuple(t.shape)
-            if got != want or (per_task and t.shape[0] != num_tasks) or t.dtype != x.dtype or t.device != x.device:
-                return None
-    if plan.loss == "cross_entropy":
-        if y.shape != (num_tasks, n) or y.dtype not in _INT_DTYPES:
-            return None
-        out = plan.shapes[_last_dense(plan).weight][0]
-        if bool((y < 0).any()) or bool((y >= out).any()):
-            return None
-    elif y.dtype != x.dtype or y.dim() != 3 or y.shape[:2] != (num_tasks, n):
+    module_fixed = call_tensors_fit(task_model, plan.shapes, params, fixed, shared_params, num_tasks, x)
+    outputs = plan.shapes[_last_dense(plan).weight][0]
+    if module_fixed is None or not targets_fit(plan.loss, y, x, num_tasks, n, outputs):
         return None
     return replace(plan, module_fixed=module_fixed) if module_fixed else plan
 

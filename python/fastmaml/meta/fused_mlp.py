@@ -206,20 +206,54 @@ def plan_for(task_model) -> Optional[MLPPlan]:
 _INT_DTYPES = (torch.int64, torch.uint8)  # what F.cross_entropy takes as class indices
 
 
-def plan_for_call(task_loss, params: Sequence[Tensor], fixed: Sequence[Tensor], task_args: Sequence[Tensor],
-                  shared_params: bool) -> Optional[MLPPlan]:
-    """The plan when this call (a ``TaskModel.task_loss`` on ``(x, y)``) can run fused, else ``None``.
-
-    With ``fixed`` empty while the model has fixed parameters, the model's own (detached) tensors
-    stand in for them, as ``functional_call`` does in the generic path.
-    """
+def task_model_of(task_loss, task_args):
+    """The ``TaskModel`` when ``task_loss`` is its ``task_loss`` called on ``(x, y)``, else ``None``."""
     from .functional import TaskModel
 
     task_model = getattr(task_loss, "__self__", None)
-    if not (isinstance(task_model, TaskModel) and getattr(task_loss, "__func__", None) is TaskModel.task_loss
+    if (isinstance(task_model, TaskModel) and getattr(task_loss, "__func__", None) is TaskModel.task_loss
             and len(task_args) == 2):
+        return task_model
+    return None
+
+
+def call_tensors_fit(task_model, shapes: dict, params, fixed, shared_params: bool, num_tasks: int, x: Tensor):
+    """The model's own fixed tensors to use (``()`` when the call passes them or there are none)
+    when a call's ``params`` / ``fixed`` have the plan's shapes (``[T, ...]`` per task unless
+    shared) and ``x``'s dtype and device, else ``None``. With ``fixed`` empty while the model has
+    fixed parameters, the model's own (detached) tensors stand in for them, as ``functional_call``
+    does in the generic path."""
+    if len(params) != len(task_model.adapt_names) or len(fixed) not in (0, len(task_model.fixed_names)):
         return None
-    plan = plan_for(task_model)
+    module_fixed = ()
+    if not fixed and task_model.fixed_names:
+        module_fixed = tuple(t.detach() for t in task_model.theta_fixed())
+    for group, ts, per_task in ((True, params, not shared_params), (False, fixed or module_fixed, False)):
+        for i, t in enumerate(ts):
+            got = tuple(t.shape[1:]) if per_task else tuple(t.shape)
+            if got != shapes[(group, i)] or (per_task and t.shape[0] != num_tasks):
+                return None
+            if t.dtype != x.dtype or t.device != x.device:
+                return None
+    return module_fixed
+
+
+def targets_fit(loss: str, y: Tensor, x: Tensor, num_tasks: int, n: int, outputs: int) -> bool:
+    """MSE targets shaped like the output (no broadcasting) in ``x``'s dtype; cross-entropy
+    targets int64 / uint8 class indices ``[T, N]`` in ``[0, outputs)`` (out-of-range ones,
+    ``ignore_index`` included, go to the generic path, which handles or rejects them)."""
+    if loss == "mse":
+        return y.shape == (num_tasks, n, outputs) and y.dtype == x.dtype
+    return (y.shape == (num_tasks, n) and y.dtype in _INT_DTYPES and not bool((y < 0).any())
+            and not bool((y >= outputs).any()))
+
+
+def plan_for_call(task_loss, params: Sequence[Tensor], fixed: Sequence[Tensor], task_args: Sequence[Tensor],
+                  shared_params: bool) -> Optional[MLPPlan]:
+    """The plan when this call (a ``TaskModel.task_loss`` on ``(x, y)``) can run fused, else ``None``
+    (see ``call_tensors_fit`` for calls that pass no fixed tensors)."""
+    task_model = task_model_of(task_loss, task_args)
+    plan = None if task_model is None else plan_for(task_model)
     if plan is None:
         return None
     x, y = task_args
@@ -228,29 +262,9 @@ def plan_for_call(task_loss, params: Sequence[Tensor], fixed: Sequence[Tensor], 
     num_tasks, n = x.shape[0], x.shape[1]
     if x.shape[2] != plan.in_features or not x.is_floating_point():
         return None
-    if len(params) != len(task_model.adapt_names) or len(fixed) not in (0, len(task_model.fixed_names)):
+    module_fixed = call_tensors_fit(task_model, plan.shapes, params, fixed, shared_params, num_tasks, x)
+    if module_fixed is None or not targets_fit(plan.loss, y, x, num_tasks, n, plan.out_features):
         return None
-    shapes = plan.shapes
-    module_fixed = ()
-    if not fixed and task_model.fixed_names:
-        module_fixed = tuple(t.detach() for t in task_model.theta_fixed())
-    for group, ts, per_task in ((True, params, not shared_params), (False, fixed or module_fixed, False)):
-        for i, t in enumerate(ts):
-            want = shapes[(group, i)]
-            got = tuple(t.shape[1:]) if per_task else tuple(t.shape)
-            if got != want or (per_task and t.shape[0] != num_tasks):
-                return None
-            if t.dtype != x.dtype or t.device != x.device:
-                return None
-    if plan.loss == "mse":
-        if y.shape != (num_tasks, n, plan.out_features) or y.dtype != x.dtype:
-            return None
-    else:
-        if y.shape != (num_tasks, n) or y.dtype not in _INT_DTYPES:
-            return None
-        # out-of-range targets (ignore_index included) go to the generic path, which handles or rejects them
-        if bool((y < 0).any()) or bool((y >= plan.out_features).any()):
-            return None
     return replace(plan, module_fixed=module_fixed) if module_fixed else plan
 
 

@@ -12,7 +12,8 @@ from torch import Tensor
 from torch.func import jvp, vjp
 
 
-def _layer(eps: float):
+def batch_norm_pool2x2_layer(eps: float = 1e-5):
+    """``(x, w, b) -> max_pool2d(batch_norm(x, w, b), 2)`` with torch's ops (batch statistics)."""
     def f(x, w, b):
         return F.max_pool2d(F.batch_norm(x, None, None, w, b, training=True, eps=eps), 2)
     return f
@@ -20,20 +21,20 @@ def _layer(eps: float):
 
 def batch_norm_pool2x2_backward_reference(g: Tensor, x: Tensor, w: Tensor, b: Tensor, eps: float = 1e-5):
     """``(gx, gw, gb)``: the gradient of ``<g, layer(x, w, b)>``."""
-    return vjp(_layer(eps), x, w, b)[1](g)
+    return vjp(batch_norm_pool2x2_layer(eps), x, w, b)[1](g)
 
 
 def batch_norm_pool2x2_jvp_reference(dx: Tensor, dw: Tensor, db: Tensor, x: Tensor, w: Tensor, b: Tensor,
                                      eps: float = 1e-5) -> Tensor:
     """The pooled output's tangent along ``(dx, dw, db)``."""
-    return jvp(_layer(eps), (x, w, b), (dx, dw, db))[1]
+    return jvp(batch_norm_pool2x2_layer(eps), (x, w, b), (dx, dw, db))[1]
 
 
 def batch_norm_pool2x2_hvp_backward_reference(g: Tensor, dg: Tensor, dx: Tensor, dw: Tensor, x: Tensor, w: Tensor,
                                               b: Tensor, eps: float = 1e-5):
     """``(dgx, gx, hw, hb)``: the tangent of the backward ``(gx, gw, gb)`` along ``(dx, dw, dg)``
     (``db`` does not enter it), and the primal ``gx``."""
-    f = _layer(eps)
+    f = batch_norm_pool2x2_layer(eps)
 
     def grads(x_, w_, g_):
         return vjp(f, x_, w_, b)[1](g_)
