@@ -180,3 +180,35 @@ def test_bad_inputs_raise():
         qp_solve(Q, p, G, hn)
     with pytest.raises(ValueError, match="max_iter must be an int >= 0"):
         qp_solve(Q, p, G, h, max_iter=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch's batched CPU LU is wrong after torch.set_num_threads(k > 1) for n >= 160 (and hangs in
+# float32): the KKT factorisation goes one matrix at a time there. Process-wide thread state, so
+# in a fresh interpreter.
+# ---------------------------------------------------------------------------------------------
+_THREADED_QP = r"""
+import sys, torch
+torch.set_num_threads(2)
+sys.path.insert(0, sys.argv[1])
+from test_qp import random_qp
+from fastmaml.heads.qp import lu_factor_batched, qp_solve
+K = torch.randn(4, 200, 200, dtype=torch.float64)
+LU, piv, info = lu_factor_batched(K)
+alone = [torch.linalg.lu_factor_ex(k) for k in K]
+assert all(torch.equal(LU[t], alone[t][0]) and torch.equal(piv[t], alone[t][1]) for t in range(4))
+Q, p, G, h, A, b = random_qp(4, 90, 80, 5, seed=3)  # KKT matrices 175 x 175
+res = qp_solve(Q, p, G, h, A, b)
+assert bool(res.converged.all()), res.status
+single = [qp_solve(*(t[i:i + 1] for t in (Q, p, G, h, A, b))).z for i in range(4)]
+err = max(float((res.z[i] - single[i][0]).abs().max() / single[i].abs().max()) for i in range(4))
+assert err < 1e-8, err
+print("ok", err)
+"""
+
+
+def test_kkt_factorisation_is_right_after_set_num_threads():
+    import subprocess
+    proc = subprocess.run([sys.executable, "-c", _THREADED_QP, str(Path(__file__).parent)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -36,6 +36,25 @@ from torch import Tensor
 from ._common import check_batched, check_like, first_order_only
 
 
+def lu_factor_batched(K: Tensor):
+    """``torch.linalg.lu_factor_ex(K)`` for a batch ``[T, n, n]``, one matrix at a time where the
+    batched CPU call is unreliable.
+
+    torch 2.13's CPU batched LU goes wrong once ``torch.set_num_threads(k > 1)`` has been called
+    in the process (2 cores, k = 2): every batch of 2 to 256 random float64 matrices with
+    n >= 160 came out wrong (factors off by 1e4 and more, pivots of 0 with ``info`` 0, MKL
+    printing "Parameter 6 was incorrect on entry to DLASWP"), and float32 batches with n >= 150
+    did not return. Right, in the same state: n <= 144, one matrix at a time, a batch of one, the
+    batched call on one thread (or without any set_num_threads call), batched Cholesky,
+    triangular and LU solves. So above n = 128 with more than one thread each matrix is
+    factored on its own (MKL still uses the threads inside each factorisation).
+    """
+    if K.device.type != "cpu" or K.dim() != 3 or K.shape[0] < 2 or K.shape[-1] <= 128 or torch.get_num_threads() < 2:
+        return torch.linalg.lu_factor_ex(K)
+    parts = [torch.linalg.lu_factor_ex(k) for k in K]
+    return tuple(torch.stack([part[i] for part in parts]) for i in range(3))
+
+
 class QPStatus(enum.IntEnum):
     SOLVED = 0
     MAX_ITER = 1
@@ -136,7 +155,7 @@ class DenseKKT:
         K[:, N + m:, :N] = self.A
         sign = torch.cat([K.new_ones(N), -K.new_ones(m + neq)])
         Kreg = K + torch.diag_embed(self.delta * sign)  # quasi-definite: +d primal, -d dual blocks
-        LU, piv, info = torch.linalg.lu_factor_ex(Kreg)
+        LU, piv, info = lu_factor_batched(Kreg)
         bad = (info != 0) | ~torch.isfinite(LU).all(-1).all(-1)
         return (K, LU, piv), bad
 
