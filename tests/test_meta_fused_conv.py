@@ -1,7 +1,8 @@
 """The fused conv path (fastmaml.meta.fused_conv): hand-written gradients and R-operator HVPs.
 
 Specification: for conv / batch-norm / ReLU / 2x2 max-pool nets with a flatten and a linear head
-(conv4 and nn.Sequential chains of those layers) with cross-entropy or MSE, per-task gradients and
+(conv4, nn.Sequential chains of those layers, and models whose own forward applies such a chain,
+learn2learn style, with global average pooling and views) with cross-entropy or MSE, per-task gradients and
 HVPs (with the mixed block of fixed tensors) equal plain autograd's (float64, 1e-10 relative;
 float32 to rounding), the engine's meta-gradients equal the plain-autograd reference for every
 step-size form and parameter subset, and ``"auto"`` takes the path without running the generic
@@ -59,6 +60,78 @@ def sequential(variant: str, dtype=F64, seed=0) -> nn.Sequential:
     return nn.Sequential(*body, *head).to(dtype)
 
 
+class Lambda(nn.Module):
+    """learn2learn's ``l2l.nn.Lambda``: a module around a function."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+class ViewFlatten(nn.Module):
+    """learn2learn's ``l2l.nn.Flatten``."""
+
+    def forward(self, x):
+        return x.view(x.size(0), -1)
+
+
+class ConvBlock(nn.Module):
+    """learn2learn's ``ConvBlock``: its own forward over conv, batch norm, ReLU, pool."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+        self.normalize = nn.BatchNorm2d(cout, affine=True)
+        self.relu = nn.ReLU()
+        self.max_pool = nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=False)
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = self.normalize(x)
+        x = self.relu(x)
+        x = self.max_pool(x)
+        return x
+
+
+class L2LStyleCNN(nn.Module):
+    """learn2learn's ``OmniglotCNN`` layout: a view to images, conv blocks, the spatial mean, a
+    view-flatten, a linear classifier, all through custom forwards."""
+
+    def __init__(self, channels=2, size=12, filters=5, ways=3):
+        super().__init__()
+        self.features = nn.Sequential(Lambda(lambda x: x.view(-1, channels, size, size)),
+                                      ConvBlock(channels, filters), ConvBlock(filters, filters),
+                                      Lambda(lambda x: x.mean(dim=[2, 3])), ViewFlatten())
+        self.classifier = nn.Linear(filters, ways)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class FunctionalCNN(nn.Module):
+    """torch.nn.functional steps in forward: relu, max_pool2d, x.shape[0] reshape, flatten, an
+    adaptive average pool, Identity."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(4)
+        self.skip = nn.Identity()
+        self.c2 = nn.Conv2d(4, 6, 3, bias=False)
+        self.fc1 = nn.Linear(6 * 4 * 4, 7)
+        self.fc2 = nn.Linear(7, 3)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.b1(self.c1(x))), 2)
+        x = self.skip(torch.relu(self.c2(x)))
+        x = x.reshape(x.shape[0], -1)
+        x = F.relu(self.fc1(torch.flatten(x, 1)))
+        return self.fc2(x)
+
+
 def images(num_tasks, n, channels, size, classes=4, dtype=F64, seed=1, mse_out=None):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(num_tasks, n, channels, size, size, generator=g, dtype=dtype)
@@ -98,7 +171,18 @@ MODELS = {
     "no_bias_no_affine": (lambda dtype: sequential("no_bias_no_affine", dtype), 2, 12, None, F.cross_entropy),
     "strided_two_linear": (lambda dtype: sequential("strided_two_linear", dtype), 2, 14, None, F.cross_entropy),
     "nested_dilated_mse": (lambda dtype: sequential("nested", dtype), 2, 12, 3, mse_loss),
+    # forwards of their own, read by tracing (fastmaml.meta.fused_conv_trace)
+    "l2l_style": (lambda dtype: _seeded(L2LStyleCNN, dtype), 2, 12, None, F.cross_entropy),
+    "functional": (lambda dtype: _seeded(FunctionalCNN, dtype), 2, 12, None, F.cross_entropy),
+    "global_average_pool": (lambda dtype: _seeded(lambda: nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3)), dtype), 2, 12, None, F.cross_entropy),
 }
+
+
+def _seeded(cls, dtype, seed=0):
+    torch.manual_seed(seed)
+    return cls().to(dtype)
 
 
 def setup(name, num_tasks=3, n=5, dtype=F64, adapt="all"):
@@ -195,6 +279,8 @@ ENGINE_CASES = [  # (model, K, T, step sizes, adapt, algorithm)
     ("strided_two_linear", 2, 3, "lslr", ["0.weight", "8.weight", "10.bias"], "maml"),
     ("nested_dilated_mse", 2, 3, "scalar", "all", "maml"),
     ("conv4", 2, 3, "scalar", "all", "fomaml"),
+    ("l2l_style", 2, 3, "lslr", "all", "maml"),
+    ("functional", 2, 3, "meta_sgd", ["c2.weight", "fc1.weight", "fc2.bias"], "maml"),
 ]
 
 
@@ -240,7 +326,55 @@ def _with_hook():
     return net
 
 
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(2, 2, 3, padding=1)
+        self.fc = nn.Linear(2 * 12 * 12, 3)
+
+    def forward(self, x):
+        return self.fc((x + self.c(x)).flatten(1))
+
+
+class Branching(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(2, 2, 3, padding=1)
+        self.fc = nn.Linear(2 * 12 * 12, 3)
+
+    def forward(self, x):
+        h = self.c(x)
+        if h.sum() > 0:  # data-dependent: the tracer cannot follow it
+            h = -h
+        return self.fc(h.flatten(1))
+
+
+class ExtraArgument(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(2, 2, 3, padding=1)
+        self.fc = nn.Linear(2 * 12 * 12, 3)
+
+    def forward(self, x, scale=None):
+        h = self.c(x)
+        return self.fc((h if scale is None else h * scale).flatten(1))
+
+
+class OwnParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(2, 2, 3, 3))
+        self.fc = nn.Linear(2 * 12 * 12, 3)
+
+    def forward(self, x):
+        return self.fc(F.conv2d(x, self.w, padding=1).flatten(1))
+
+
 UNSUPPORTED = {
+    "residual": Residual,
+    "data-dependent branch": Branching,
+    "extra forward argument": ExtraArgument,
+    "functional conv on a parameter": OwnParameter,
     "grouped conv": lambda: nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 10 * 10, 3)),
     "3x3 pool": lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.MaxPool2d(3), nn.Flatten(), nn.Linear(4 * 3 * 3, 3)),
     "average pool": lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(4 * 25, 3)),
@@ -259,6 +393,34 @@ def test_unsupported_models_are_named_and_left_to_the_generic_path(name, fused_p
     assert isinstance(fused_conv.why_not(tm), str)
     if name not in ("mlp", "no flatten"):
         x, y = images(2, 5, 2, 12, classes=3)
+        batched_grad(tm.task_loss, tm.initial_adapted(tm.theta_adapted(), 2), [], x, y, batching="auto")
+
+
+def test_traced_models_say_why_they_are_not_fused():
+    assert "could not be traced" in fused_conv.why_not(TaskModel(Branching().double(), F.cross_entropy))
+    assert "more than the input" in fused_conv.why_not(TaskModel(ExtraArgument().double(), F.cross_entropy))
+    assert "not a chain" in fused_conv.why_not(TaskModel(Residual().double(), F.cross_entropy))
+
+
+def test_flat_data_viewed_as_images_runs_fused():
+    """learn2learn's Omniglot model views flat [N, 784] rows as images first."""
+    _, tm, (x, y) = setup("l2l_style")
+    flat = x.flatten(2)  # [T, N, C H W]
+    phi = per_task_point(tm, 3)
+    got = batched_grad(tm.task_loss, phi, [], flat, y, batching="fused_conv")
+    ref = batched_grad(tm.task_loss, phi, [], flat, y, batching="loop")
+    assert rel_err(got[1], ref[1]) < TOL
+
+
+def test_a_reshape_that_moves_the_sample_dimension_is_left_to_the_generic_path(fused_path_forbidden):
+    """The plan holds; the call's shapes do not fit it (the view would mix samples): generic path."""
+    torch.manual_seed(0)
+    net = nn.Sequential(Lambda(lambda x: x.view(-1, 2, 6, 6)), nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(),
+                        ViewFlatten(), nn.Linear(3 * 6 * 6, 3)).double()
+    tm = TaskModel(net, F.cross_entropy)
+    assert fused_conv.why_not(tm) is None
+    x, y = images(2, 5, 2, 12, classes=3)  # each 2x12x12 image becomes four 2x6x6 ones: 20 rows, not 5
+    with pytest.raises(Exception):
         batched_grad(tm.task_loss, tm.initial_adapted(tm.theta_adapted(), 2), [], x, y, batching="auto")
 
 

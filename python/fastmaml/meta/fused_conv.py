@@ -29,19 +29,25 @@ Per layer (``d`` = tangent, ``g`` = gradient, ``x`` the layer input, ``z`` its o
 
 Supported (``plan_for``; anything else goes to the generic path, never an error):
 
-* model: ``fastmaml.meta.models.Conv4``, or an ``nn.Sequential`` (standard forward, nested
-  standard ``nn.Sequential`` allowed) of ``nn.Conv2d`` (zero padding given as numbers, any
-  stride and dilation, ``groups = 1``), ``nn.BatchNorm2d`` (batch statistics are used whatever
-  the flags, as everywhere in the engine; running statistics never touched), ``nn.ReLU``, ``nn.MaxPool2d(2)`` (stride 2, no
-  padding / dilation / ceil mode), ``nn.Flatten()`` and ``nn.Linear`` in that order of kinds
-  (images first, then flatten, then linear layers with ReLU between them); no hooks; every
+* model: ``fastmaml.meta.models.Conv4``, an ``nn.Sequential`` (nested ones allowed), or any
+  module whose ``forward`` applies one chain of steps (read by ``torch.fx`` tracing:
+  ``fastmaml.meta.fused_conv_trace``; learn2learn's ``ConvBlock`` / ``Lambda`` / ``Flatten``
+  style), of ``nn.Conv2d`` (zero padding given as numbers, any stride and dilation,
+  ``groups = 1``), ``nn.BatchNorm2d`` after a conv (batch statistics are used whatever the flags,
+  as everywhere in the engine; running statistics never touched), ReLU (module or function),
+  2x2 max-pool with stride 2 (no padding / dilation / ceil mode), global average pooling
+  (``x.mean((2, 3))``, ``nn.AdaptiveAvgPool2d(1)``), ``nn.Flatten()`` / ``x.view(x.size(0), -1)``
+  and other views / reshapes that keep the sample dimension first, ``nn.Identity``, and
+  ``nn.Linear`` on flat features; at least one conv, a linear layer last; no hooks; every
   parameter belongs to one of these layers;
 * loss: cross-entropy or MSE as ``fastmaml.meta.fused_mlp`` recognises them;
-* data: ``x [T, N, C, H, W]`` float32 / float64 on the CPU, targets as for the MLP path; the
-  compiled layer kernels (``fastmaml._C``) available.
+* data: ``x [T, N, ...]`` float32 / float64 on the CPU whose per-task shape the layers take
+  (``output_shape``), targets as for the MLP path; the compiled layer kernels (``fastmaml._C``)
+  available.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
@@ -52,6 +58,7 @@ from torch import Tensor, nn
 from ..ops import bn_pool as _bn_pool  # noqa: F401 (the merged layer's kernels: their fakes)
 from ..ops._native_cpu import native_available, plain_cpu_float
 from ..ops.cpu_kernels import layer_kernels_enabled
+from .fused_conv_trace import _ReshapeModule, _SpatialMeanModule, traced_chain as _traced_chain
 from .fused_mlp import _global_hooks, _has_hooks, _loss_kind, cached_plan, call_tensors_fit, targets_fit, task_model_of
 from .models import Conv4
 
@@ -99,6 +106,22 @@ class Pool:
 @dataclass(frozen=True)
 class Flatten:
     pass
+
+
+@dataclass(frozen=True)
+class SpatialMean:
+    """``x.mean((2, 3))``: global average pooling (``keepdim`` keeps ``[N, C, 1, 1]``)."""
+    keepdim: bool
+
+
+@dataclass(frozen=True)
+class Reshape:
+    """``x.reshape(spec)`` / ``x.view(spec)``, ``"N"`` in ``spec`` standing for ``x.shape[0]``
+    (``x.view(x.size(0), -1)``); the sample dimension must come out first and unchanged."""
+    spec: tuple
+
+    def shape_for(self, n: int) -> list:
+        return [n if e == "N" else e for e in self.spec]
 
 
 @dataclass(frozen=True)
@@ -154,11 +177,27 @@ def _build(task_model):
     if _global_hooks() or any(_has_hooks(m) for m in model.modules()):
         return None, "a forward or backward hook is registered"
     chain = _chain(model)
+    if chain is not None:
+        plan, reason = _plan_from_chain(task_model, chain, loss)
+        if plan is not None or all(type(m) in _LAYER_MODULES for _, m in chain):
+            return plan, reason
+    # a forward of its own somewhere (a custom module, a Sequential subclass): read it by tracing
+    chain, reason = _traced_chain(model)
     if chain is None:
-        return None, f"the model ({type(model).__name__}) is not Conv4 or a plain nn.Sequential"
+        return None, reason
+    return _plan_from_chain(task_model, chain, loss)
+
+
+_LAYER_MODULES = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Identity, nn.MaxPool2d, nn.Flatten, nn.Linear)
+
+
+def _plan_from_chain(task_model, chain, loss):
+    """``(plan, None)`` for the modules ``chain`` applies in order, or ``(None, reason)``."""
+    model = task_model.model
     slot = {name: (True, i) for i, name in enumerate(task_model.adapt_names)}
     slot.update({name: (False, i) for i, name in enumerate(task_model.fixed_names)})
-    layers, used, seen, stage, in_channels = [], set(), set(), "image", None
+    layers, used, seen, in_channels = [], set(), set(), None
+    rank = 4  # of the activation: 4 = [N, C, H, W] images, 2 = [N, F] features
 
     def own(key, m, names):
         full = [f"{key}.{n}" for n in names if getattr(m, n) is not None]
@@ -169,11 +208,11 @@ def _build(task_model):
         return [slot[f"{key}.{n}"] if getattr(m, n) is not None else None for n in names]
 
     for key, m in chain:
-        if id(m) in seen and type(m) not in (nn.ReLU, nn.Flatten):
+        if id(m) in seen and type(m) not in (nn.ReLU, nn.Flatten, nn.Identity):
             return None, f"module {key!r} appears twice"
         seen.add(id(m))
         kind = type(m)
-        if stage == "image" and kind is nn.Conv2d:
+        if rank == 4 and kind is nn.Conv2d:
             if (m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str)
                     or m.transposed or m.weight is None):
                 return None, f"Conv2d {key!r} has groups, string padding or a padding mode the fused path lacks"
@@ -184,7 +223,7 @@ def _build(task_model):
                 in_channels = m.in_channels
             layers.append(Conv(where[0], where[1], tuple(m.stride), tuple(m.padding), tuple(m.dilation),
                                first=not any(isinstance(layer, Conv) for layer in layers)))
-        elif stage == "image" and kind is nn.BatchNorm2d:
+        elif rank == 4 and kind is nn.BatchNorm2d:
             if not layers or not isinstance(layers[-1], Conv):
                 return None, f"BatchNorm2d {key!r} does not follow a Conv2d"
             where = own(key, m, ("weight", "bias"))
@@ -193,25 +232,36 @@ def _build(task_model):
             layers.append(BatchNorm(where[0], where[1], float(m.eps), m.num_features))
         elif kind is nn.ReLU:
             layers.append(ReLU())
-        elif stage == "image" and kind is nn.MaxPool2d:
+        elif kind is nn.Identity:
+            continue
+        elif rank == 4 and kind is nn.MaxPool2d:
             ks, st = m.kernel_size, m.stride if m.stride is not None else m.kernel_size
             if (ks not in (2, (2, 2)) or st not in (2, (2, 2)) or m.padding not in (0, (0, 0))
                     or m.dilation not in (1, (1, 1)) or m.ceil_mode or m.return_indices):
                 return None, f"MaxPool2d {key!r} is not a plain 2x2 pool with stride 2"
             layers.append(Pool())
-        elif stage == "image" and kind is nn.Flatten:
+        elif rank == 4 and kind is _SpatialMeanModule:
+            layers.append(SpatialMean(m.keepdim))
+            rank = 4 if m.keepdim else 2
+        elif kind is nn.Flatten:
             if m.start_dim != 1 or m.end_dim != -1:
                 return None, f"Flatten {key!r} does not flatten all but the sample dimension"
             layers.append(Flatten())
-            stage = "flat"
-        elif stage == "flat" and kind is nn.Linear:
+            rank = 2
+        elif kind is _ReshapeModule:
+            if len(m.spec) not in (2, 4):
+                return None, f"the reshape at {key!r} does not give [N, F] or [N, C, H, W]"
+            layers.append(Reshape(m.spec))
+            rank = len(m.spec)
+        elif rank == 2 and kind is nn.Linear:
             where = own(key, m, ("weight", "bias"))
             if where is None:
                 return None, f"the parameters of {key!r} are not (only) its own"
             layers.append(Dense(where[0], where[1]))
         else:
-            return None, f"module {key!r} ({kind.__name__}) is not supported here (stage {stage})"
-    if stage != "flat" or in_channels is None or not isinstance(layers[-1], Dense):
+            return None, (f"module {key!r} ({kind.__name__}) is not supported here (on "
+                          f"{'images' if rank == 4 else 'flat features'})")
+    if rank != 2 or in_channels is None or not layers or not isinstance(layers[-1], Dense):
         return None, "the model is not convolutions, a flatten and a linear head"
     if used != set(slot):
         return None, "the model has parameters outside its layers"
@@ -280,16 +330,73 @@ def plan_for_call(task_loss, params, fixed, task_args, shared_params: bool) -> O
     if plan is None:
         return None
     x, y = task_args
-    if not (isinstance(x, Tensor) and isinstance(y, Tensor)) or x.dim() != 5 or x.shape[1] < 1:
+    if not (isinstance(x, Tensor) and isinstance(y, Tensor)) or x.dim() < 3 or x.shape[1] < 1:
         return None
-    if not plain_cpu_float(x) or x.shape[2] != plan.in_channels:  # plain: also no torch.func transform active
+    if not plain_cpu_float(x):  # plain: also no torch.func transform active
         return None
     num_tasks, n = x.shape[0], x.shape[1]
-    module_fixed = call_tensors_fit(task_model, plan.shapes, params, fixed, shared_params, num_tasks, x)
     outputs = plan.shapes[_last_dense(plan).weight][0]
+    if output_shape(plan, tuple(x.shape[1:])) != (n, outputs):
+        return None
+    module_fixed = call_tensors_fit(task_model, plan.shapes, params, fixed, shared_params, num_tasks, x)
     if module_fixed is None or not targets_fit(plan.loss, y, x, num_tasks, n, outputs):
         return None
     return replace(plan, module_fixed=module_fixed) if module_fixed else plan
+
+
+def output_shape(plan: ConvPlan, shape: tuple) -> Optional[tuple]:
+    """The output shape for one task's input ``shape`` (``[N, ...]``), or ``None`` where a layer
+    does not take its input (channels, ranks, a reshape that moves the sample dimension, a pool or
+    batch norm on too few values): the call then runs on the generic path, which reports it."""
+    n, shape = shape[0], list(shape)
+    for layer in plan.layers:
+        if isinstance(layer, Conv):
+            cout, cin, *k = plan.shapes[layer.weight]
+            if len(shape) != 4 or shape[1] != cin:
+                return None
+            hw = [(shape[2 + i] + 2 * layer.padding[i] - layer.dilation[i] * (k[i] - 1) - 1) // layer.stride[i] + 1
+                  for i in range(2)]
+            if min(hw) < 1:
+                return None
+            shape = [n, cout, *hw]
+        elif isinstance(layer, (BatchNorm, BatchNormPool, Pool)):
+            pooled = not isinstance(layer, BatchNorm)
+            if len(shape) != 4 or (not pooled and shape[1] != layer.channels) or (
+                    isinstance(layer, BatchNormPool) and shape[1] != layer.channels):
+                return None
+            if (not isinstance(layer, Pool) and n * shape[2] * shape[3] < 2) or (pooled and min(shape[2:]) < 2):
+                return None
+            if pooled:
+                shape = [n, shape[1], shape[2] // 2, shape[3] // 2]
+        elif isinstance(layer, Flatten):
+            shape = [n, math.prod(shape[1:])]
+        elif isinstance(layer, SpatialMean):
+            if len(shape) != 4:
+                return None
+            shape = [n, shape[1], 1, 1] if layer.keepdim else [n, shape[1]]
+        elif isinstance(layer, Reshape):
+            shape = _reshaped(shape, layer.shape_for(n))
+            if shape is None or shape[0] != n:
+                return None
+        elif isinstance(layer, Dense):
+            out_f, in_f = plan.shapes[layer.weight]
+            if len(shape) != 2 or shape[1] != in_f:
+                return None
+            shape = [n, out_f]
+    return tuple(shape)
+
+
+def _reshaped(shape: list, spec: list) -> Optional[list]:
+    """``spec`` with its ``-1`` resolved for a tensor of ``shape``, or None when it does not fit."""
+    total, known = math.prod(shape), math.prod(e for e in spec if e != -1)
+    free = spec.count(-1)
+    if free > 1 or any(e < -1 for e in spec) or known == 0:
+        return None
+    if free:
+        if total % known:
+            return None
+        spec = [total // known if e == -1 else e for e in spec]
+    return spec if math.prod(spec) == total else None
 
 
 def _last_dense(plan: ConvPlan) -> Dense:
@@ -309,42 +416,43 @@ def _forward(plan: ConvPlan, P, x: Tensor, keep_xhat: bool):
     saved = []
     h = x
     for layer in plan.layers:
-        if isinstance(layer, Conv):
-            saved.append(h)
-            h = F.conv2d(h, P(layer.weight), P(layer.bias), *_conv_args(layer))
-        elif isinstance(layer, BatchNorm):
-            w, b = _bn_affine(layer, P, h)
-            if keep_xhat:  # the R-operator needs x^ itself: normalise with w = 1, b = 0, then scale
-                xhat, mean, invstd = _ops.batch_norm_train(h, torch.ones_like(w), torch.zeros_like(b), layer.eps)
-                out = torch.addcmul(b.view(1, -1, 1, 1), xhat, w.view(1, -1, 1, 1))
-            else:
-                out, mean, invstd = _ops.batch_norm_train(h, w, b, layer.eps)
-                xhat = None
-            saved.append((h, w, mean, invstd, xhat))
-            h = out
-        elif isinstance(layer, BatchNormPool):
-            w, b = _bn_affine(layer, P, h)
-            # batch norm then the pool (their AVX2 / simd kernels): faster than the fused
-            # forward's scalar window loop; the pair's derivatives run fused
-            a, mean, invstd = _ops.batch_norm_train(h, w, b, layer.eps)
-            out, code = _ops.max_pool2x2(a)
-            del a
-            saved.append((h, w, mean, invstd, code))
-            h = out
-        elif isinstance(layer, ReLU):
-            h, bits = _ops.relu_bitmask(h)
-            saved.append(bits)
-        elif isinstance(layer, Pool):
-            shape = h.shape
-            h, code = _ops.max_pool2x2(h)
-            saved.append((code, shape[-2], shape[-1]))
-        elif isinstance(layer, Flatten):
-            saved.append(h.shape)
-            h = h.reshape(h.shape[0], -1)
-        else:  # Dense
-            saved.append(h)
-            h = F.linear(h, P(layer.weight), P(layer.bias))
+        h, s = _forward_layer(layer, P, h, keep_xhat)
+        saved.append(s)
     return h, saved
+
+
+def _forward_layer(layer, P, h: Tensor, keep_xhat: bool):
+    """One layer's output and what its backward needs."""
+    if isinstance(layer, Conv):
+        return F.conv2d(h, P(layer.weight), P(layer.bias), *_conv_args(layer)), h
+    if isinstance(layer, BatchNorm):
+        w, b = _bn_affine(layer, P, h)
+        if keep_xhat:  # the R-operator needs x^ itself: normalise with w = 1, b = 0, then scale
+            xhat, mean, invstd = _ops.batch_norm_train(h, torch.ones_like(w), torch.zeros_like(b), layer.eps)
+            out = torch.addcmul(b.view(1, -1, 1, 1), xhat, w.view(1, -1, 1, 1))
+        else:
+            out, mean, invstd = _ops.batch_norm_train(h, w, b, layer.eps)
+            xhat = None
+        return out, (h, w, mean, invstd, xhat)
+    if isinstance(layer, BatchNormPool):
+        w, b = _bn_affine(layer, P, h)
+        # batch norm then the pool (their AVX2 / simd kernels): faster than the fused forward's
+        # scalar window loop; the pair's derivatives run fused
+        a, mean, invstd = _ops.batch_norm_train(h, w, b, layer.eps)
+        out, code = _ops.max_pool2x2(a)
+        return out, (h, w, mean, invstd, code)
+    if isinstance(layer, ReLU):
+        return _ops.relu_bitmask(h)
+    if isinstance(layer, Pool):
+        out, code = _ops.max_pool2x2(h)
+        return out, (code, h.shape[-2], h.shape[-1])
+    if isinstance(layer, Flatten):
+        return h.reshape(h.shape[0], -1), h.shape
+    if isinstance(layer, SpatialMean):
+        return h.mean((2, 3), keepdim=layer.keepdim), h.shape
+    if isinstance(layer, Reshape):
+        return h.reshape(layer.shape_for(h.shape[0])), h.shape
+    return F.linear(h, P(layer.weight), P(layer.bias)), h  # Dense
 
 
 def _bn_directions(layer, D):
@@ -381,6 +489,12 @@ def _loss_r(plan: ConvPlan, d_out: Tensor, probs: Optional[Tensor], n: int) -> T
     return d_out * (2.0 / d_out.numel())
 
 
+def _spread(g: Tensor, shape) -> Tensor:
+    """The gradient of a spatial mean: ``g / (H W)`` at every position of the ``[N, C, H, W]`` input."""
+    n, c, h, w = shape
+    return g.reshape(n, c, 1, 1).div(h * w).expand(n, c, h, w).contiguous()
+
+
 def _add(a, b):
     if a is None:
         return b
@@ -402,8 +516,10 @@ def task_grad(plan: ConvPlan, P, x: Tensor, y: Tensor, want) -> tuple:
             if layer.bias is not None and want(layer.bias):
                 grads[layer.bias] = g.sum(0)
             g = g.mm(P(layer.weight))
-        elif isinstance(layer, Flatten):
+        elif isinstance(layer, (Flatten, Reshape)):
             g = g.reshape(s)
+        elif isinstance(layer, SpatialMean):
+            g = _spread(g, s)
         elif isinstance(layer, Pool):
             g = _ops.max_pool2x2_scatter(g, s[0], s[1], s[2])
         elif isinstance(layer, ReLU):
@@ -428,17 +544,21 @@ def task_grad(plan: ConvPlan, P, x: Tensor, y: Tensor, want) -> tuple:
             if mask[2]:
                 grads[layer.bias] = gb
             g = gx
+            if layer.first:  # what comes before it (reshapes of the data) has no parameters
+                break
     return loss, grads
 
 
 def task_hvp(plan: ConvPlan, P, D, x: Tensor, y: Tensor, want) -> dict:
     """One task's ``H v`` ``{slot: tensor}`` (all slots ``want`` accepts, adapted and fixed) for
     the direction ``D`` (``D(slot)`` None where the direction is zero)."""
-    out, saved = _forward(plan, P, x, keep_xhat=True)  # x^ for batch norms without a pool after them
-    # R-forward: the tangent of every layer's output (None while zero)
-    tangents = []
-    d = None
-    for layer, s in zip(plan.layers, saved):
+    # Forward and R-forward in one sweep, each layer's tangent right after its output (its
+    # input still in cache): the tangent of every layer's output (None while zero)
+    saved, tangents = [], []
+    h, d = x, None
+    for layer in plan.layers:
+        h, s = _forward_layer(layer, P, h, keep_xhat=True)  # x^ for batch norms without a pool after them
+        saved.append(s)
         if isinstance(layer, Conv):
             tangents.append(d)  # the input tangent, for the backward
             dw, db = D(layer.weight), (D(layer.bias) if layer.bias is not None else None)
@@ -452,12 +572,12 @@ def task_hvp(plan: ConvPlan, P, D, x: Tensor, y: Tensor, want) -> dict:
                 dz = _add(dz, F.conv2d(d, wt, None, *_conv_args(layer)))
             d = dz
         elif isinstance(layer, BatchNorm):
-            h, w, mean, invstd, xhat = s
+            h_in, w, mean, invstd, xhat = s
             tangents.append(d)
             dw, db = _bn_directions(layer, D)
             da = None
             if d is not None:
-                da = _ops.batch_norm_train_backward(d, h, w, mean, invstd)[0]  # w r P(dz)
+                da = _ops.batch_norm_train_backward(d, h_in, w, mean, invstd)[0]  # w r P(dz)
             if dw is not None:
                 da = _add(da, xhat * dw.view(1, -1, 1, 1))
             if db is not None:
@@ -465,12 +585,12 @@ def task_hvp(plan: ConvPlan, P, D, x: Tensor, y: Tensor, want) -> dict:
                     db.view(1, -1, 1, 1).expand_as(xhat).clone())
             d = da
         elif isinstance(layer, BatchNormPool):
-            h, w, mean, invstd, code = s
+            h_in, w, mean, invstd, code = s
             tangents.append(d)
             dw, db = _bn_directions(layer, D)
             if d is not None or dw is not None or db is not None:
                 zero_c = w.new_zeros(w.shape)
-                d = _ops.batch_norm_pool2x2_jvp(d if d is not None else torch.zeros_like(h), code, h, w,
+                d = _ops.batch_norm_pool2x2_jvp(d if d is not None else torch.zeros_like(h_in), code, h_in, w,
                                                 zero_c if dw is None else dw, zero_c if db is None else db, mean,
                                                 invstd)
         elif isinstance(layer, ReLU):
@@ -482,6 +602,12 @@ def task_hvp(plan: ConvPlan, P, D, x: Tensor, y: Tensor, want) -> dict:
         elif isinstance(layer, Flatten):
             tangents.append(None)
             d = None if d is None else d.reshape(d.shape[0], -1)
+        elif isinstance(layer, SpatialMean):
+            tangents.append(None)
+            d = None if d is None else d.mean((2, 3), keepdim=layer.keepdim)
+        elif isinstance(layer, Reshape):
+            tangents.append(None)
+            d = None if d is None else d.reshape(layer.shape_for(d.shape[0]))
         else:  # Dense
             tangents.append(d)
             dw = D(layer.weight)
@@ -492,6 +618,7 @@ def task_hvp(plan: ConvPlan, P, D, x: Tensor, y: Tensor, want) -> dict:
             if db is not None:
                 dz = dz.add_(db) if dz is not None else db.expand(s.shape[0], -1).clone()
             d = dz
+    out = h
     n = out.shape[0]
     _, g, probs = _loss_grad(plan, out, y)
     dg = None if d is None else _loss_r(plan, d, probs, n)
@@ -513,9 +640,12 @@ def task_hvp(plan: ConvPlan, P, D, x: Tensor, y: Tensor, want) -> dict:
             if dw is not None:
                 ndg = _add(ndg, g.mm(dw))
             g, dg = g.mm(wt), ndg
-        elif isinstance(layer, Flatten):
+        elif isinstance(layer, (Flatten, Reshape)):
             g = g.reshape(s)
             dg = None if dg is None else dg.reshape(s)
+        elif isinstance(layer, SpatialMean):
+            g = _spread(g, s)
+            dg = None if dg is None else _spread(dg, s)
         elif isinstance(layer, Pool):
             g = _ops.max_pool2x2_scatter(g, s[0], s[1], s[2])
             dg = None if dg is None else _ops.max_pool2x2_scatter(dg, s[0], s[1], s[2])
@@ -580,6 +710,8 @@ def task_hvp(plan: ConvPlan, P, D, x: Tensor, y: Tensor, want) -> dict:
             if not layer.first:
                 g = _aten.convolution_backward(g, s, wt, [wt.shape[0]], *args, [True, False, False])[0]
             dg = ndg
+            if layer.first:  # what comes before it (reshapes of the data) has no parameters
+                break
     return hv
 
 
