@@ -15,6 +15,10 @@ Workloads (--workload):
   conv4      Conv4 (64 filters, BatchNorm), 1x28x28 random images shaped like Omniglot 5-way 1-shot
              with 15 query images per class, T = 8 tasks per meta-batch, K = 5 inner steps, inner
              lr 0.4 (the default)
+  l2l_cnn    the same episodes on learn2learn's OmniglotCNN layout written out here (ConvBlock
+             modules with their own forward, Lambda views, the spatial mean instead of the last
+             pools' flatten, l2l's view-Flatten; 64 filters by default): a model fastmaml does not
+             know, which the batched engine reads by tracing its forward
   sinusoid   Finn et al.'s regression MLP 1-40-40-1 (ReLU), MSE, 10 support and 10 query points per
              task (amplitude in [0.1, 5], phase in [0, pi], x in [-5, 5]), T = 25, K = 1, inner lr 0.01
 Second order, Adam on the meta-parameters.
@@ -68,7 +72,58 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 # Defaults per workload: tasks T, inner steps K, inner lr, timed iterations.
-WORKLOADS = {"conv4": dict(tasks=8, steps=5, lr=0.4, iters=5), "sinusoid": dict(tasks=25, steps=1, lr=0.01, iters=50)}
+WORKLOADS = {"conv4": dict(tasks=8, steps=5, lr=0.4, iters=5), "l2l_cnn": dict(tasks=8, steps=5, lr=0.4, iters=5),
+             "sinusoid": dict(tasks=25, steps=1, lr=0.01, iters=50)}
+
+
+class Lambda(nn.Module):
+    """learn2learn.nn.Lambda."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+class Flatten(nn.Module):
+    """learn2learn.nn.Flatten."""
+
+    def forward(self, x):
+        return x.view(x.size(0), -1)
+
+
+class ConvBlock(nn.Module):
+    """learn2learn.vision.models.ConvBlock (3x3 conv, batch norm, ReLU, 2x2 max-pool)."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=1, padding=1, bias=True)
+        self.normalize = nn.BatchNorm2d(out_channels, affine=True, momentum=0.999, eps=1e-3)
+        self.relu = nn.ReLU()
+        self.max_pool = nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=False)
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = self.normalize(x)
+        x = self.relu(x)
+        x = self.max_pool(x)
+        return x
+
+
+class OmniglotCNN(nn.Module):
+    """learn2learn.vision.models.OmniglotCNN's layout: 4 conv blocks, the spatial mean, a linear head."""
+
+    def __init__(self, output_size=N_WAY, hidden_size=64, layers=4):
+        super().__init__()
+        blocks = [ConvBlock(1 if i == 0 else hidden_size, hidden_size) for i in range(layers)]
+        self.features = nn.Sequential(Lambda(lambda x: x.view(-1, 1, 28, 28)), *blocks,
+                                      Lambda(lambda x: x.mean(dim=[2, 3])), Flatten())
+        self.classifier = nn.Linear(hidden_size, output_size, bias=True)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
 
 
 def sinusoid_episode(gen: torch.Generator, dtype: torch.dtype, device: str = "cpu", points: int = 10):
@@ -199,7 +254,12 @@ def run_variant(spec: dict) -> dict:
     torch.manual_seed(0)
     device = spec["device"]
     sinusoid = spec.get("workload") == "sinusoid"
-    model = sinusoid_mlp() if sinusoid else Conv4(1, spec["filters"], N_WAY, 28)
+    if sinusoid:
+        model = sinusoid_mlp()
+    elif spec.get("workload") == "l2l_cnn":
+        model = OmniglotCNN(N_WAY, spec["filters"])
+    else:
+        model = Conv4(1, spec["filters"], N_WAY, 28)
     model = model.to(device, dtype).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(1)
@@ -276,11 +336,12 @@ def load_average() -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="conv4",
-                    help="conv4 (Omniglot-shaped, the default) or sinusoid (Finn et al.'s MLP)")
+                    help="conv4 (Omniglot-shaped, the default), l2l_cnn (the same on learn2learn's OmniglotCNN "
+                         "layout) or sinusoid (Finn et al.'s MLP)")
     ap.add_argument("--tasks", type=int, default=None, help="tasks per meta-batch T (conv4: 8, sinusoid: 25)")
     ap.add_argument("--steps", type=int, default=None, help="inner steps K (conv4: 5, sinusoid: 1)")
     ap.add_argument("--lr", type=float, default=None, help="inner step size (conv4: 0.4, sinusoid: 0.01)")
-    ap.add_argument("--filters", type=int, default=64, help="Conv4 filters")
+    ap.add_argument("--filters", type=int, default=64, help="Conv4 / OmniglotCNN filters")
     ap.add_argument("--iters", type=int, default=None,
                     help="timed meta-iterations per variant (conv4: 5, sinusoid: 50)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed meta-iterations first, in every round")
@@ -318,7 +379,8 @@ def main(argv=None) -> None:
         print(f"sinusoid MLP 1-40-40-1 (ReLU), MSE, 10 support + 10 query points, "
               f"T = {args.tasks}, K = {args.steps}, lr = {args.lr}, second order, float32")
     else:
-        print(f"Conv4-{args.filters} + BN, 1x28x28, {N_WAY}-way {K_SHOT}-shot, {N_QUERY} query/class, "
+        name = "learn2learn-style OmniglotCNN" if args.workload == "l2l_cnn" else "Conv4"
+        print(f"{name}-{args.filters} + BN, 1x28x28, {N_WAY}-way {K_SHOT}-shot, {N_QUERY} query/class, "
               f"T = {args.tasks}, K = {args.steps}, lr = {args.lr}, second order, float32")
     base = dict(workload=args.workload, tasks=args.tasks, steps=args.steps, lr=args.lr, filters=args.filters,
                 threads=args.threads, l2l_path=args.l2l_path, device=args.device)
