@@ -402,6 +402,13 @@ def test_traced_models_say_why_they_are_not_fused():
     assert "not a chain" in fused_conv.why_not(TaskModel(Residual().double(), F.cross_entropy))
 
 
+def test_a_traced_model_is_traced_again_when_its_modules_change():
+    net = L2LStyleCNN().double()
+    assert fused_conv.plan_for(TaskModel(net, F.cross_entropy)) is not None
+    net.features[1].max_pool = nn.AvgPool2d(2)
+    assert "AvgPool2d" in fused_conv.why_not(TaskModel(net, F.cross_entropy))
+
+
 def test_flat_data_viewed_as_images_runs_fused():
     """learn2learn's Omniglot model views flat [N, 784] rows as images first."""
     _, tm, (x, y) = setup("l2l_style")
