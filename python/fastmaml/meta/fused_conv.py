@@ -360,13 +360,14 @@ def output_shape(plan: ConvPlan, shape: tuple) -> Optional[tuple]:
                 return None
             shape = [n, cout, *hw]
         elif isinstance(layer, (BatchNorm, BatchNormPool, Pool)):
-            pooled = not isinstance(layer, BatchNorm)
-            if len(shape) != 4 or (not pooled and shape[1] != layer.channels) or (
-                    isinstance(layer, BatchNormPool) and shape[1] != layer.channels):
+            normed, pooled = not isinstance(layer, Pool), not isinstance(layer, BatchNorm)
+            if len(shape) != 4:
                 return None
-            if (not isinstance(layer, Pool) and n * shape[2] * shape[3] < 2) or (pooled and min(shape[2:]) < 2):
+            if normed and (shape[1] != layer.channels or n * shape[2] * shape[3] < 2):  # batch statistics
                 return None
             if pooled:
+                if min(shape[2:]) < 2:
+                    return None
                 shape = [n, shape[1], shape[2] // 2, shape[3] // 2]
         elif isinstance(layer, Flatten):
             shape = [n, math.prod(shape[1:])]
