@@ -42,6 +42,7 @@ Usage:
     python examples/l2l_style_before_after.py --l2l-path /path/to/site-packages/learn2learn
     python examples/l2l_style_before_after.py --iters 2 --warmup 1 --filters 16   # a quick look
     python examples/l2l_style_before_after.py --workload sinusoid                  # the MLP table
+    python examples/l2l_style_before_after.py --workload l2l_cnn --default-malloc  # learn2learn's CNN layout
 """
 from __future__ import annotations
 
