@@ -1,6 +1,8 @@
 """Helpers shared by the meta-gradient tests."""
 import torch
 
+from fastmaml.meta.inner_loop import lslr_step_sizes, meta_sgd_step_sizes
+
 
 def rel_err(got, ref):
     """||got - ref|| / ||ref|| over all tensors of the two lists."""
@@ -27,3 +29,18 @@ def forbid(monkeypatch, module, names, message):
 
     for name in names:
         monkeypatch.setattr(module, name, boom)
+
+
+def make_lr(form, tm, num_steps):
+    """Step sizes of one form for the engine tests: ``(lr, its learnable tensors)``; fixed 0.3,
+    a learnable scalar 0.3, or LSLR / Meta-SGD initialised at 0.2 (float64)."""
+    if form == "fixed":
+        return 0.3, []
+    if form == "scalar":
+        lr = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        return lr, [lr]
+    if form == "lslr":
+        lr = lslr_step_sizes(tm, num_steps, 0.2, dtype=torch.float64)
+    else:
+        lr = meta_sgd_step_sizes(tm, 0.2, dtype=torch.float64)
+    return lr, list(lr.parameters())

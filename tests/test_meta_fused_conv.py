@@ -21,14 +21,13 @@ from fastmaml.meta import fused_conv
 from fastmaml.meta.front import maml_loss
 from fastmaml.meta.functional import TaskModel
 from fastmaml.meta.hvp import batched_grad, hvp
-from fastmaml.meta.inner_loop import lslr_step_sizes, meta_sgd_step_sizes
 from fastmaml.meta.models import Conv4, MLP, mse_loss
 from fastmaml.ops.cpu_kernels import stock_kernels
 
 hvp_module = importlib.import_module("fastmaml.meta.hvp")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _meta_util import GENERIC_PATHS, forbid, grads_of, rel_err  # noqa: E402
+from _meta_util import GENERIC_PATHS, forbid, grads_of, make_lr, rel_err  # noqa: E402
 
 F64 = torch.float64
 TOL = 1e-10
@@ -261,16 +260,6 @@ def test_float32_agrees_with_autograd_to_rounding():
 # ---------------------------------------------------------------------------------------------
 # The engine
 # ---------------------------------------------------------------------------------------------
-def make_lr(form, tm, num_steps):
-    if form == "fixed":
-        return 0.3, []
-    if form == "scalar":
-        lr = torch.tensor(0.3, dtype=F64, requires_grad=True)
-        return lr, [lr]
-    lr = lslr_step_sizes(tm, num_steps, 0.2, dtype=F64) if form == "lslr" else meta_sgd_step_sizes(tm, 0.2, dtype=F64)
-    return lr, list(lr.parameters())
-
-
 ENGINE_CASES = [  # (model, K, T, step sizes, adapt, algorithm)
     ("conv4", 1, 1, "fixed", "all", "maml"),
     ("conv4", 2, 3, "lslr", "all", "maml"),
@@ -490,7 +479,7 @@ def _fused_functions(plan, x, y):
     return Loss.apply, Grad.apply
 
 
-@pytest.mark.parametrize("name", ["strided_two_linear", "nested_dilated_mse"])
+@pytest.mark.parametrize("name", ["strided_two_linear", "nested_dilated_mse", "l2l_style", "global_average_pool"])
 def test_fused_gradient_and_hvp_pass_gradcheck(name):
     _, tm, (x, y) = setup(name, num_tasks=2, n=4)
     plan = fused_conv.plan_for(tm)

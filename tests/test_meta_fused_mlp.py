@@ -18,13 +18,12 @@ from fastmaml.meta import fused_mlp
 from fastmaml.meta.front import maml_loss
 from fastmaml.meta.functional import TaskModel
 from fastmaml.meta.hvp import batched_grad, hvp
-from fastmaml.meta.inner_loop import lslr_step_sizes, meta_sgd_step_sizes
 from fastmaml.meta.models import MLP, CaviaMLP, mse_loss
 
 hvp_module = importlib.import_module("fastmaml.meta.hvp")  # the package exports a function named hvp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _meta_util import GENERIC_PATHS, forbid, grads_of, rel_err  # noqa: E402
+from _meta_util import GENERIC_PATHS, forbid, grads_of, make_lr, rel_err  # noqa: E402
 
 F64 = torch.float64
 TOL = 1e-10
@@ -50,16 +49,6 @@ def make_data(kind, num_tasks, n, widths=(3, 17, 9, 4), dtype=F64, seed=1):
     if kind == "mse":
         return x, torch.randn(num_tasks, n, widths[-1], generator=g, dtype=dtype)
     return x, torch.randint(0, widths[-1], (num_tasks, n), generator=g)
-
-
-def make_lr(form, tm, num_steps):
-    if form == "fixed":
-        return 0.3, []
-    if form == "scalar":
-        lr = torch.tensor(0.3, dtype=F64, requires_grad=True)
-        return lr, [lr]
-    lr = lslr_step_sizes(tm, num_steps, 0.2, dtype=F64) if form == "lslr" else meta_sgd_step_sizes(tm, 0.2, dtype=F64)
-    return lr, list(lr.parameters())
 
 
 @pytest.fixture
