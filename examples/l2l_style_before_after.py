@@ -15,10 +15,11 @@ Workloads (--workload):
   conv4      Conv4 (64 filters, BatchNorm), 1x28x28 random images shaped like Omniglot 5-way 1-shot
              with 15 query images per class, T = 8 tasks per meta-batch, K = 5 inner steps, inner
              lr 0.4 (the default)
-  l2l_cnn    the same episodes on learn2learn's OmniglotCNN layout written out here (ConvBlock
-             modules with their own forward, Lambda views, the spatial mean instead of the last
-             pools' flatten, l2l's view-Flatten; 64 filters by default): a model fastmaml does not
-             know, which the batched engine reads by tracing its forward
+  l2l_cnn    the same episodes on learn2learn's OmniglotCNN written out here as learn2learn 0.2.0
+             defines it (ConvBlock modules with their own forward, stride-2 convs and no pools,
+             Lambda views, the spatial mean, l2l's view-Flatten, the blocks registered under two
+             paths; 64 filters by default): a model fastmaml does not know, which the batched
+             engine reads by tracing its forward
   sinusoid   Finn et al.'s regression MLP 1-40-40-1 (ReLU), MSE, 10 support and 10 query points per
              task (amplitude in [0.1, 5], phase in [0, pi], x in [-5, 5]), T = 25, K = 1, inner lr 0.01
 Second order, Adam on the meta-parameters.
@@ -96,14 +97,18 @@ class Flatten(nn.Module):
 
 
 class ConvBlock(nn.Module):
-    """learn2learn.vision.models.ConvBlock (3x3 conv, batch norm, ReLU, 2x2 max-pool)."""
+    """learn2learn.vision.models.ConvBlock: 3x3 conv, batch norm, ReLU and a 2x2 max-pool, or
+    (``max_pool=False``, as its Omniglot model uses it) a stride-2 conv and no pool."""
 
-    def __init__(self, in_channels, out_channels):
+    def __init__(self, in_channels, out_channels, max_pool=True):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=1, padding=1, bias=True)
-        self.normalize = nn.BatchNorm2d(out_channels, affine=True, momentum=0.999, eps=1e-3)
+        self.max_pool = nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=False) if max_pool else (lambda x: x)
+        self.normalize = nn.BatchNorm2d(out_channels, affine=True)
+        nn.init.uniform_(self.normalize.weight)
         self.relu = nn.ReLU()
-        self.max_pool = nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=False)
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=1 if max_pool else 2, padding=1, bias=True)
+        nn.init.xavier_uniform_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
 
     def forward(self, x):
         x = self.conv(x)
@@ -114,14 +119,18 @@ class ConvBlock(nn.Module):
 
 
 class OmniglotCNN(nn.Module):
-    """learn2learn.vision.models.OmniglotCNN's layout: 4 conv blocks, the spatial mean, a linear head."""
+    """learn2learn.vision.models.OmniglotCNN: 4 stride-2 conv blocks (no pools), the spatial mean, a
+    linear head. As there, the blocks are registered twice (``base`` and ``features.1``)."""
 
     def __init__(self, output_size=N_WAY, hidden_size=64, layers=4):
         super().__init__()
-        blocks = [ConvBlock(1 if i == 0 else hidden_size, hidden_size) for i in range(layers)]
-        self.features = nn.Sequential(Lambda(lambda x: x.view(-1, 1, 28, 28)), *blocks,
+        self.base = nn.Sequential(*[ConvBlock(1 if i == 0 else hidden_size, hidden_size, max_pool=False)
+                                    for i in range(layers)])
+        self.features = nn.Sequential(Lambda(lambda x: x.view(-1, 1, 28, 28)), self.base,
                                       Lambda(lambda x: x.mean(dim=[2, 3])), Flatten())
         self.classifier = nn.Linear(hidden_size, output_size, bias=True)
+        self.classifier.weight.data.normal_()
+        self.classifier.bias.data.mul_(0.0)
 
     def forward(self, x):
         return self.classifier(self.features(x))
@@ -160,10 +169,17 @@ def step_before(model, tasks, num_steps, lr, state):
     for xs, ys, xq, yq in tasks:
         fast = dict(theta)                                                   # learner = maml.clone()
         for _ in range(num_steps):                                           # learner.adapt(loss)
-            loss = loss_fn(functional_call(model, fast, (xs,)), ys)
+            loss = loss_fn(call(model, fast, xs), ys)
             grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
             fast = {name: p - lr * g for (name, p), g in zip(fast.items(), grads)}
-        (loss_fn(functional_call(model, fast, (xq,)), yq) / len(tasks)).backward()
+        (loss_fn(call(model, fast, xq), yq) / len(tasks)).backward()
+
+
+def call(model, params, x):
+    """``model(x)`` with ``params``. ``tie_weights=False``: with the default, torch 2.13 swaps a
+    module registered under two paths (OmniglotCNN's blocks) twice and leaves the call's tensors in
+    the model afterwards. (No weights are tied here; fastmaml handles both cases.)"""
+    return functional_call(model, params, (x,), tie_weights=False)
 
 
 def step_compat(model, tasks, num_steps, lr, state):
@@ -193,7 +209,7 @@ def step_torchfunc(model, tasks, num_steps, lr, state):
     loss_fn = state["loss_fn"]
 
     def loss_at(params, x, y):
-        return loss_fn(functional_call(model, params, (x,)), y)
+        return loss_fn(call(model, params, x), y)
 
     def task_query_loss(params, xs, ys, xq, yq):
         for _ in range(num_steps):

@@ -78,14 +78,15 @@ class ViewFlatten(nn.Module):
 
 
 class ConvBlock(nn.Module):
-    """learn2learn's ``ConvBlock``: its own forward over conv, batch norm, ReLU, pool."""
+    """learn2learn's ``ConvBlock``: its own forward over conv, batch norm, ReLU and a 2x2 pool, or
+    (``max_pool=False``, as in its Omniglot model) a stride-2 conv and a plain function as the pool."""
 
-    def __init__(self, cin, cout):
+    def __init__(self, cin, cout, max_pool=True):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
-        self.normalize = nn.BatchNorm2d(cout, affine=True)
+        self.max_pool = nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=False) if max_pool else (lambda x: x)
+        self.normalize = nn.BatchNorm2d(cout, affine=True)  # registered before the conv, as there
         self.relu = nn.ReLU()
-        self.max_pool = nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=False)
+        self.conv = nn.Conv2d(cin, cout, 3, stride=1 if max_pool else 2, padding=1)
 
     def forward(self, x):
         x = self.conv(x)
@@ -97,12 +98,13 @@ class ConvBlock(nn.Module):
 
 class L2LStyleCNN(nn.Module):
     """learn2learn's ``OmniglotCNN`` layout: a view to images, conv blocks, the spatial mean, a
-    view-flatten, a linear classifier, all through custom forwards."""
+    view-flatten, a linear classifier, all through custom forwards. The blocks are registered
+    twice (``base`` and ``features.1``), as there: one module reachable by two paths."""
 
     def __init__(self, channels=2, size=12, filters=5, ways=3):
         super().__init__()
-        self.features = nn.Sequential(Lambda(lambda x: x.view(-1, channels, size, size)),
-                                      ConvBlock(channels, filters), ConvBlock(filters, filters),
+        self.base = nn.Sequential(ConvBlock(channels, filters), ConvBlock(filters, filters, max_pool=False))
+        self.features = nn.Sequential(Lambda(lambda x: x.view(-1, channels, size, size)), self.base,
                                       Lambda(lambda x: x.mean(dim=[2, 3])), ViewFlatten())
         self.classifier = nn.Linear(filters, ways)
 
@@ -394,7 +396,7 @@ def test_traced_models_say_why_they_are_not_fused():
 def test_a_traced_model_is_traced_again_when_its_modules_change():
     net = L2LStyleCNN().double()
     assert fused_conv.plan_for(TaskModel(net, F.cross_entropy)) is not None
-    net.features[1].max_pool = nn.AvgPool2d(2)
+    net.base[0].max_pool = nn.AvgPool2d(2)
     assert "AvgPool2d" in fused_conv.why_not(TaskModel(net, F.cross_entropy))
 
 

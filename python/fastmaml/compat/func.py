@@ -12,7 +12,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..meta.functional import AdaptSpec, TaskModel, batch_stats_only
+from ..meta.functional import AdaptSpec, TaskModel, batch_stats_only, call_with, tensor_slots
 from ..meta.inner_loop import StepSpec, adapt
 
 __all__ = ["adapted_params", "per_task_forward"]
@@ -84,9 +84,10 @@ def per_task_forward(model: nn.Module, params: Mapping[str, Tensor], x: Tensor) 
             raise ValueError(f"params[{name!r}] has shape {shape}; expected {(num_tasks, *known[name].shape)} "
                              f"(T = {num_tasks} from x)")
     outputs = []
+    slots = tensor_slots(model)
     with batch_stats_only(model):
         for t in range(num_tasks):
             task = dict(known)
             task.update((n, p[t]) for n, p in params.items())
-            outputs.append(torch.func.functional_call(model, task, (x[t],)))
+            outputs.append(call_with(model, task, (x[t],), slots=slots))
     return torch.stack(outputs)

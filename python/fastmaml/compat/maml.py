@@ -33,8 +33,8 @@ from typing import Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
+from ..meta.functional import call_with
 from ..ops.cpu_kernels import cpu_kernels
 
 
@@ -121,7 +121,7 @@ class MAML(nn.Module):
         with cpu_kernels():  # the network's max-pools, relus, batch norms through fastmaml's kernels
             if self._adapted is None:
                 return network(*args, **kwargs)
-            return functional_call(network, self._adapted, args, kwargs)
+            return call_with(network, self._adapted, args, kwargs)
 
     def _current(self) -> OrderedDict[str, Tensor]:
         if self._adapted is not None:
@@ -227,7 +227,7 @@ class _AdaptedView:
 
     def __call__(self, *args, **kwargs):
         with cpu_kernels():
-            return functional_call(self._network, self._params, args, kwargs)
+            return call_with(self._network, self._params, args, kwargs)
 
     def forward(self, *args, **kwargs):
         return self(*args, **kwargs)

@@ -21,7 +21,7 @@ torch 2.x CPU builds.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -111,6 +111,47 @@ def recompute_batch_norm_stats(model: nn.Module, batches) -> nn.Module:
     return model
 
 
+def tensor_slots(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """``{name: paths}``: for each parameter and buffer (named as ``named_parameters()`` /
+    ``named_buffers()`` name it), one path to every distinct module attribute that holds it.
+
+    A module reachable by two paths (learn2learn's ``OmniglotCNN`` holds its conv blocks as
+    ``base`` and as ``features.1``) is one slot with two names; the same tensor assigned to two
+    modules (tied weights) is two slots. ``call_with`` swaps each slot exactly once.
+    """
+    by_tensor: dict[int, dict[tuple[int, str], str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for table in (module._parameters, module._buffers):
+            for attr, tensor in table.items():
+                if tensor is not None:
+                    by_tensor.setdefault(id(tensor), {}).setdefault((id(module), attr),
+                                                                     f"{path}.{attr}" if path else attr)
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    return {name: tuple(by_tensor[id(t)].values()) for name, t in named}
+
+
+def call_with(model: nn.Module, tensors: Mapping[str, Tensor], args: tuple, kwargs: Optional[dict] = None,
+              slots: Optional[Mapping[str, Sequence[str]]] = None):
+    """``model(*args, **kwargs)`` with ``tensors`` (``{name: tensor}``, names as ``tensor_slots``
+    gives them) in place of the module's own, which are restored afterwards.
+
+    ``torch.func.functional_call`` (torch 2.13) does not restore a module reachable by two paths:
+    it swaps the shared slot once per path and puts the *new* tensor back the second time, so the
+    model keeps the last call's tensors (wrong gradients, or tensors escaping a ``vmap``). Here
+    every slot is named once and swapped once.
+
+    Args:
+        slots: ``tensor_slots(model)``, when the caller keeps it (computed here otherwise).
+    """
+    if slots is None:
+        slots = tensor_slots(model)
+    expanded = {}
+    for name, tensor in tensors.items():
+        for path in slots.get(name, (name,)):
+            expanded[path] = tensor
+    return functional_call(model, expanded, args, kwargs, tie_weights=False)
+
+
 def head_parameter_names(model: nn.Module) -> list[str]:
     """Names of the parameters of the last submodule (in registration order) that has any: ANIL's head."""
     owners = [name for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
@@ -182,6 +223,7 @@ class TaskModel:
             self.adapt_names = tuple(n for n in named if n in chosen_set)
             self.fixed_names = tuple(n for n in named if n not in chosen_set)
         self.buffers = dict(model.named_buffers())
+        self.slots = tensor_slots(model)
         self.has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
     # -- parameters ---------------------------------------------------------------------------
@@ -223,11 +265,13 @@ class TaskModel:
 
     def _forward(self, adapted, fixed, x):
         if self.context:
-            params = dict(zip(self.fixed_names, fixed))
-            return functional_call(self.model, (params, self.buffers), (x, adapted[0]))
-        params = dict(zip(self.adapt_names, adapted))
-        params.update(zip(self.fixed_names, fixed))
-        return functional_call(self.model, (params, self.buffers), (x,))
+            tensors = dict(zip(self.fixed_names, fixed))
+            tensors.update(self.buffers)
+            return call_with(self.model, tensors, (x, adapted[0]), slots=self.slots)
+        tensors = dict(zip(self.adapt_names, adapted))
+        tensors.update(zip(self.fixed_names, fixed))
+        tensors.update(self.buffers)
+        return call_with(self.model, tensors, (x,), slots=self.slots)
 
     def task_loss(self, adapted: Sequence[Tensor], fixed: Sequence[Tensor], x: Tensor, y: Tensor) -> Tensor:
         """``L(adapted, fixed, x, y)`` for one task: a scalar."""
