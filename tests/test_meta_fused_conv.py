@@ -52,9 +52,9 @@ def sequential(variant: str, dtype=F64, seed=0) -> nn.Sequential:
         body = [nn.Conv2d(2, 4, 3, stride=2), nn.BatchNorm2d(4), nn.MaxPool2d(2), nn.ReLU(),
                 nn.Conv2d(4, 5, 2, padding=1), nn.BatchNorm2d(5), nn.ReLU()]
         head = [nn.Flatten(), nn.Linear(5 * 4 * 4, 7), nn.ReLU(), nn.Linear(7, 3)]
-    else:  # nested Sequential blocks, no batch norm in the second, dilation
+    else:  # nested Sequential blocks, no batch norm in the second, dilation with padding="same"
         body = [nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2)),
-                nn.Sequential(nn.Conv2d(4, 4, 3, padding=2, dilation=2), nn.ReLU(), nn.MaxPool2d(2))]
+                nn.Sequential(nn.Conv2d(4, 4, 3, padding="same", dilation=2), nn.ReLU(), nn.MaxPool2d(2))]
         head = [nn.Flatten(), nn.Linear(4 * 3 * 3, 3)]
     return nn.Sequential(*body, *head).to(dtype)
 
@@ -367,6 +367,8 @@ UNSUPPORTED = {
     "extra forward argument": ExtraArgument,
     "functional conv on a parameter": OwnParameter,
     "grouped conv": lambda: nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 10 * 10, 3)),
+    "same padding, even kernel": lambda: nn.Sequential(nn.Conv2d(2, 4, 2, padding="same"), nn.Flatten(),
+                                                       nn.Linear(4 * 12 * 12, 3)),
     "3x3 pool": lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.MaxPool2d(3), nn.Flatten(), nn.Linear(4 * 3 * 3, 3)),
     "average pool": lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(4 * 25, 3)),
     "no flatten": lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU()),

@@ -32,8 +32,8 @@ Supported (``plan_for``; anything else goes to the generic path, never an error)
 * model: ``fastmaml.meta.models.Conv4``, an ``nn.Sequential`` (nested ones allowed), or any
   module whose ``forward`` applies one chain of steps (read by ``torch.fx`` tracing:
   ``fastmaml.meta.fused_conv_trace``; learn2learn's ``ConvBlock`` / ``Lambda`` / ``Flatten``
-  style), of ``nn.Conv2d`` (zero padding given as numbers, any stride and dilation,
-  ``groups = 1``), ``nn.BatchNorm2d`` after a conv (batch statistics are used whatever the flags,
+  style), of ``nn.Conv2d`` (zero padding as numbers, ``"valid"`` or ``"same"`` on odd-sized
+  kernels; any stride and dilation; ``groups = 1``), ``nn.BatchNorm2d`` after a conv (batch statistics are used whatever the flags,
   as everywhere in the engine; running statistics never touched), ReLU (module or function),
   2x2 max-pool with stride 2 (no padding / dilation / ceil mode), global average pooling
   (``x.mean((2, 3))``, ``nn.AdaptiveAvgPool2d(1)``), ``nn.Flatten()`` / ``x.view(x.size(0), -1)``
@@ -213,15 +213,16 @@ def _plan_from_chain(task_model, chain, loss):
         seen.add(id(m))
         kind = type(m)
         if rank == 4 and kind is nn.Conv2d:
-            if (m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str)
-                    or m.transposed or m.weight is None):
-                return None, f"Conv2d {key!r} has groups, string padding or a padding mode the fused path lacks"
+            padding = _numeric_padding(m)
+            if m.groups != 1 or m.padding_mode != "zeros" or padding is None or m.transposed or m.weight is None:
+                return None, (f"Conv2d {key!r} has groups, padding='same' on an even-sized kernel, or a padding "
+                              "mode the fused path lacks")
             where = own(key, m, ("weight", "bias"))
             if where is None:
                 return None, f"the parameters of {key!r} are not (only) its own"
             if in_channels is None:
                 in_channels = m.in_channels
-            layers.append(Conv(where[0], where[1], tuple(m.stride), tuple(m.padding), tuple(m.dilation),
+            layers.append(Conv(where[0], where[1], tuple(m.stride), padding, tuple(m.dilation),
                                first=not any(isinstance(layer, Conv) for layer in layers)))
         elif rank == 4 and kind is nn.BatchNorm2d:
             if not layers or not isinstance(layers[-1], Conv):
@@ -269,6 +270,20 @@ def _plan_from_chain(task_model, chain, loss):
     named = dict(model.named_parameters())
     shapes = {where: tuple(named[name].shape) for name, where in slot.items()}
     return ConvPlan(tuple(layers), loss, in_channels, shapes), None
+
+
+def _numeric_padding(conv: nn.Conv2d) -> Optional[tuple]:
+    """``conv``'s padding as two ints: ``"valid"`` is 0; ``"same"`` (stride 1) is half the kernel's
+    extent ``dilation * (k - 1)`` when that is even (torch pads an odd extent one more on the
+    right, which a symmetric padding cannot say: None)."""
+    if not isinstance(conv.padding, str):
+        return tuple(conv.padding)
+    if conv.padding == "valid":
+        return (0, 0)
+    extents = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+    if any(e % 2 for e in extents):
+        return None
+    return tuple(e // 2 for e in extents)
 
 
 def _pool_before_relu(layers: list) -> list:

@@ -351,7 +351,8 @@ def over_tasks(fn, in_dims, args, batching: str):
     Both give identical results (tasks are independent); they differ in speed only.
     """
     if batching == "vmap":
-        return vmap(fn, in_dims=in_dims)(*args)
+        # "different": a random op (dropout) draws for every task, as the loop does
+        return vmap(fn, in_dims=in_dims, randomness="different")(*args)
     num_tasks = next(leaf.shape[0] for a, d in zip(args, in_dims) if d == 0
                      for leaf in tree_leaves(a))
     outs = []

@@ -10,6 +10,7 @@ the path to ``phi*``).
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Callable, Sequence
 
@@ -21,7 +22,8 @@ from ..ops.multi_tensor import task_axpby, task_dot
 from .functional import check_losses_finite
 from .hvp import batched_grad, hvp
 from .inner_loop import run_inner_loop
-from .maml import EngineConfig, _per_task, _resolve_step
+from .maml import EngineConfig, _per_task, _random_draws, _resolve_step
+from .rng import RngLog
 
 
 def batched_cg(matvec: Callable[[list[Tensor]], list[Tensor]], b: Sequence[Tensor], *, max_iter: int = 20,
@@ -91,10 +93,11 @@ class IMAMLGradient(torch.autograd.Function):
         lr_tensors = [t.detach() for t in inputs[n_a + n_f:]]
         tm = cfg.task_model
         per_step = [_resolve_step(s, lr_tensors) for s in cfg.per_step]
+        rng = RngLog(cfg.support[0].device)
         with torch.enable_grad():
             phi, _, sup_losses = run_inner_loop(tm, tm.shared_start(theta_a), fixed, cfg.support, per_step,
                                                 prox=lam, check_finite=cfg.check_finite, shared_start=True,
-                                                batching=cfg.batching)
+                                                batching=cfg.batching, rng_log=rng)
             q_losses, gq_a, gq_f = batched_grad(tm.task_loss, phi, fixed, *cfg.query, wrt_fixed=n_f > 0,
                                                 batching=cfg.batching)
         if cfg.check_finite:
@@ -103,6 +106,9 @@ class IMAMLGradient(torch.autograd.Function):
         ctx.cfg, ctx.lam, ctx.cg_iters, ctx.cg_tol = cfg, lam, cg_iters, cg_tol
         ctx.phi, ctx.gq = phi, (gq_a, gq_f)
         ctx.n_lr = len(lr_tensors)
+        # a model that draws random numbers (dropout): every HVP of the CG solve replays the masks
+        # of the last inner step, so that the solve sees one matrix
+        ctx.rng = _random_draws(rng, cfg) if per_step else None
         ctx.save_for_backward(*fixed)
         return q_losses.detach()
 
@@ -119,12 +125,15 @@ class IMAMLGradient(torch.autograd.Function):
         mode = cfg.hvp_mode
 
         def matvec(p):  # (I + H/lam) p
+            if ctx.rng is not None:
+                ctx.rng.replay(len(ctx.rng.states) - 1)
             with torch.enable_grad():
                 hp, _ = hvp(tm.task_loss, ctx.phi, p, *cfg.support, mode=mode, fd_dtype=cfg.fd_dtype,
                             batching=cfg.batching)
             return task_axpby(p, hp, -1.0 / lam, check_finite=False)
 
-        x, info = batched_cg(matvec, b, max_iter=ctx.cg_iters, tol=ctx.cg_tol)
+        with ctx.rng.preserved() if ctx.rng is not None else contextlib.nullcontext():
+            x, info = batched_cg(matvec, b, max_iter=ctx.cg_iters, tol=ctx.cg_tol)
         cfg.info.update({"cg_" + k: v for k, v in info.items()})
         if bool(info["indefinite"].any()):
             bad = info["indefinite"].nonzero().flatten().tolist()
@@ -133,7 +142,9 @@ class IMAMLGradient(torch.autograd.Function):
         grad_a = [xi.sum(0) for xi in x] if not tm.context else []
         grad_f = []
         if cfg.n_f:
-            with torch.enable_grad():
+            with ctx.rng.preserved() if ctx.rng is not None else contextlib.nullcontext(), torch.enable_grad():
+                if ctx.rng is not None:
+                    ctx.rng.replay(len(ctx.rng.states) - 1)
                 _, hf = hvp(tm.task_loss, ctx.phi, x, *cfg.support, fixed=fixed, mode=mode, fd_dtype=cfg.fd_dtype,
                             batching=cfg.batching)
             grad_f = [(_per_task(w, g) * g).sum(0) - h.sum(0) / lam for g, h in zip(gq_f, hf)]

@@ -146,7 +146,8 @@ def run_inner_loop(task_model: TaskModel, phi0: Sequence[Tensor], fixed: Sequenc
                    support: tuple[Tensor, Tensor], per_step: Sequence[Sequence], *, keep_history: bool = False,
                    history_fixed_grads: bool = False, prox: Optional[float] = None,
                    check_finite: bool = True, shared_start: bool = False, batching: str = "auto",
-                   keep_first_state: bool = False, low_rank_first_step: bool = False, first_step: int = 0):
+                   keep_first_state: bool = False, low_rank_first_step: bool = False, first_step: int = 0,
+                   rng_log=None):
     """K batched inner steps without an autograd graph (the forward pass of the meta-gradient engines).
 
     Args:
@@ -173,6 +174,8 @@ def run_inner_loop(task_model: TaskModel, phi0: Sequence[Tensor], fixed: Sequenc
             ``fastmaml.meta.fused_mlp.dense`` and ``LowRank.task_dot``.
         first_step: the index of the first of these steps in the caller's inner loop (for the
             messages of ``check_finite`` when a caller ran earlier steps itself).
+        rng_log: a ``fastmaml.meta.rng.RngLog`` that records the random-number state before each
+            step's support pass (for a backward that recomputes them).
 
     Returns:
         ``(phi_K, history, support_losses)``: ``phi_K`` is ``[T, ...]``; ``support_losses`` a
@@ -185,6 +188,8 @@ def run_inner_loop(task_model: TaskModel, phi0: Sequence[Tensor], fixed: Sequenc
     center = None
     history, losses = [], []
     for k, step in enumerate(per_step):
+        if rng_log is not None:
+            rng_log.mark()
         with torch.no_grad():
             first = k == 0 and shared and prox is None
             loss, g, gf = batched_grad(task_model.task_loss, phi, fixed, *support,

@@ -22,6 +22,7 @@ gradient is ``sum_t w_t (theta - phi_K)``.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -36,6 +37,7 @@ from .functional import TaskModel, check_losses_finite
 from .fused_mlp import LowRank, dense
 from .hvp import batched_grad, fused_plan, hvp, kept_graph_hvp, loop_grad_keep_graph, loop_last_step, resolve_batching
 from .inner_loop import _step_from_shared, detached_step, run_inner_loop
+from .rng import RngLog
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "imaml")
 _EXACT_MODES = ("exact", "forward_over_reverse", "reverse_over_reverse")
@@ -89,10 +91,14 @@ class MetaGradient(torch.autograd.Function):
         fd_reuse = second and cfg.hvp_mode == "fd_forward" and cfg.fd_dtype in (None, theta_a[0].dtype if theta_a
                                                                                  else fixed[0].dtype)
         phi0 = tm.shared_start(theta_a)
+        rng = RngLog(cfg.support[0].device)
         if _reuses_last_step(ctx, cfg, phi0, fixed):
-            return _forward_reusing_last_step(ctx, cfg, phi0, fixed, per_step, theta_a, lr_tensors)
+            out = _forward_reusing_last_step(ctx, cfg, phi0, fixed, per_step, theta_a, lr_tensors, rng)
+            ctx.rng = _random_draws(rng, cfg)
+            return out
         with torch.enable_grad():  # torch.func transforms inside need grad mode
             phi, history, sup_losses = run_inner_loop(tm, phi0, fixed, cfg.support, per_step, keep_history=keep,
+                                                      rng_log=rng,
                                                       history_fixed_grads=fd_reuse and n_f > 0,
                                                       check_finite=cfg.check_finite, shared_start=True,
                                                       batching=cfg.batching,
@@ -120,6 +126,7 @@ class MetaGradient(torch.autograd.Function):
         ctx.fd_reuse = fd_reuse
         ctx.last_hvp = None
         ctx.first_graph = None
+        ctx.rng = _random_draws(rng, cfg)
         ctx.save_for_backward(*theta_a, *fixed, *lr_tensors)
         return q_losses.detach()
 
@@ -142,71 +149,81 @@ class MetaGradient(torch.autograd.Function):
 
         # [T, ...] each (LowRank factors stay factored while only scaled, dotted, summed)
         v = [g.scale(w) if isinstance(g, LowRank) else _per_task(w, g) * g for g in gq_a]
-        v_summed = False
         per_step = [_resolve_step(s, lr_tensors) for s in cfg.per_step]
         tm = cfg.task_model
         guard = FDGuard() if cfg.hvp_mode in ("fd_forward", "fd_central") else None
-        for k in range(len(ctx.history) - 1, -1, -1):
-            phi_k, g_k, gf_k, shared_k = ctx.history[k]
-            step = per_step[k]
-            # d/dalpha_k = -sum_t v_{k+1} * g_k
-            for a_ref, a, vi, gi in zip(cfg.per_step[k], step, v, g_k):
-                if isinstance(a_ref, LrRef):
-                    if a.numel() == 1 and isinstance(vi, LowRank):
-                        red = vi.task_dot(gi).sum()
-                    elif a.numel() == 1 and isinstance(gi, LowRank):
-                        red = gi.task_dot(vi).sum()
-                    else:
-                        prod = dense(vi) * dense(gi)
-                        red = prod.sum() if a.numel() == 1 else prod.sum(0)
-                    j = int(a_ref)
-                    grad_lr[j] = -red.reshape(a.shape) if grad_lr[j] is None else grad_lr[j] - red.reshape(a.shape)
-            if cfg.algorithm == "fomaml":
-                continue
-            if k == len(ctx.history) - 1 and ctx.last_hvp is not None:
-                # H(phi_{K-1}) (alpha * w_t gq_t) = w_t H (alpha * gq_t), computed in the forward pass
-                hq_a, hq_f = ctx.last_hvp
-                v = [dense(vi) - _per_task(w, h) * h for vi, h in zip(v, hq_a)]
-                for i, h in enumerate(hq_f):
-                    grad_f[i] = grad_f[i] - (_per_task(w, h) * h).sum(0)
-                ctx.history[k] = ctx.last_hvp = None
-                continue
-            u = [vi.scale(a) if isinstance(vi, LowRank) and (not isinstance(a, Tensor) or a.numel() == 1)
-                 else dense(vi) * a for vi, a in zip(v, step)]  # alpha_k * v_{k+1}
-            # At the shared start (k = 0) only sum_t v_0 is used: ask for sum_t H u directly (the
-            # fused MLP path then forms no per-task Hessian blocks).
-            first_graph = ctx.first_graph if k == 0 else None
-            summed = shared_k and first_graph is None
-            if first_graph is not None:  # step 0's graph, kept since the forward pass
-                ctx.first_graph = None
-                hv_a, hv_f = kept_graph_hvp(first_graph, [dense(x) for x in u])
-            else:
-                # finite differences are per task anyway: the guard checks them before the sum
-                with torch.enable_grad():
-                    hv_a, hv_f = hvp(tm.task_loss, phi_k, u, *cfg.support, fixed=fixed, mode=cfg.hvp_mode,
-                                     saved_grad=(g_k + gf_k) if ctx.fd_reuse else None, fd_dtype=cfg.fd_dtype,
-                                     shared_params=shared_k, batching=cfg.batching,
-                                     sum_tasks=summed and guard is None)
-            if guard is not None and first_graph is None:
-                bad = guard.check(hv_a, u)
-                if bad:  # redo those tasks' HVPs exactly: the FD ones are off by jump / r
-                    hv_a, hv_f = _exact_hvp_for(tm, cfg, phi_k, u, fixed, bad, hv_a, hv_f, shared_k)
-                    _warn_fd_outliers(cfg, k, bad)
-                if summed:
-                    hv_a, hv_f = [h.sum(0) for h in hv_a], [h.sum(0) for h in hv_f]
-            if summed:
-                v = [(vi.sum_tasks() if isinstance(vi, LowRank) else vi.sum(0)) - h
-                     for vi, h in zip(v, hv_a)]  # sum_t (v - H u)
-                v_summed = True
-            else:
-                v = task_axpby([dense(vi) for vi in v], hv_a, 1.0, check_finite=False)  # v - H u
-            for i, h in enumerate(hv_f):
-                grad_f[i] = grad_f[i] - (h if summed else h.sum(0))
-            ctx.history[k] = None  # free phi_k, g_k as soon as they are used
+        with ctx.rng.preserved() if ctx.rng is not None else contextlib.nullcontext():
+            v, v_summed = _backward_steps(ctx, cfg, tm, w, v, fixed, per_step, grad_lr, grad_f, guard)
         grad_a = ([vi if v_summed else vi.sum_tasks() if isinstance(vi, LowRank) else vi.sum(0) for vi in v]
                   if not tm.context else [])
         lr_out = [None if g is None else g.to(t.dtype) for g, t in zip(grad_lr, lr_tensors)]
         return (None, *grad_a, *grad_f, *lr_out)
+
+
+def _backward_steps(ctx, cfg, tm, w, v, fixed, per_step, grad_lr, grad_f, guard):
+    """The recursion ``v_k = v_{k+1} - H(phi_k) (alpha_k v_{k+1})`` from the last step down; fills
+    ``grad_lr`` and ``grad_f`` in place; returns ``(v_0, whether it is summed over tasks)``."""
+    v_summed = False
+    for k in range(len(ctx.history) - 1, -1, -1):
+        phi_k, g_k, gf_k, shared_k = ctx.history[k]
+        step = per_step[k]
+        # d/dalpha_k = -sum_t v_{k+1} * g_k
+        for a_ref, a, vi, gi in zip(cfg.per_step[k], step, v, g_k):
+            if isinstance(a_ref, LrRef):
+                if a.numel() == 1 and isinstance(vi, LowRank):
+                    red = vi.task_dot(gi).sum()
+                elif a.numel() == 1 and isinstance(gi, LowRank):
+                    red = gi.task_dot(vi).sum()
+                else:
+                    prod = dense(vi) * dense(gi)
+                    red = prod.sum() if a.numel() == 1 else prod.sum(0)
+                j = int(a_ref)
+                grad_lr[j] = -red.reshape(a.shape) if grad_lr[j] is None else grad_lr[j] - red.reshape(a.shape)
+        if cfg.algorithm == "fomaml":
+            continue
+        if k == len(ctx.history) - 1 and ctx.last_hvp is not None:
+            # H(phi_{K-1}) (alpha * w_t gq_t) = w_t H (alpha * gq_t), computed in the forward pass
+            hq_a, hq_f = ctx.last_hvp
+            v = [dense(vi) - _per_task(w, h) * h for vi, h in zip(v, hq_a)]
+            for i, h in enumerate(hq_f):
+                grad_f[i] = grad_f[i] - (_per_task(w, h) * h).sum(0)
+            ctx.history[k] = ctx.last_hvp = None
+            continue
+        u = [vi.scale(a) if isinstance(vi, LowRank) and (not isinstance(a, Tensor) or a.numel() == 1)
+             else dense(vi) * a for vi, a in zip(v, step)]  # alpha_k * v_{k+1}
+        # At the shared start (k = 0) only sum_t v_0 is used: ask for sum_t H u directly (the
+        # fused MLP path then forms no per-task Hessian blocks).
+        first_graph = ctx.first_graph if k == 0 else None
+        summed = shared_k and first_graph is None
+        if first_graph is not None:  # step 0's graph, kept since the forward pass
+            ctx.first_graph = None
+            hv_a, hv_f = kept_graph_hvp(first_graph, [dense(x) for x in u])
+        else:
+            # finite differences are per task anyway: the guard checks them before the sum
+            if ctx.rng is not None:  # the same dropout masks as this step's forward pass
+                ctx.rng.replay(k)
+            with torch.enable_grad():
+                hv_a, hv_f = hvp(tm.task_loss, phi_k, u, *cfg.support, fixed=fixed, mode=cfg.hvp_mode,
+                                 saved_grad=(g_k + gf_k) if ctx.fd_reuse else None, fd_dtype=cfg.fd_dtype,
+                                 shared_params=shared_k, batching=cfg.batching,
+                                 sum_tasks=summed and guard is None)
+        if guard is not None and first_graph is None:
+            bad = guard.check(hv_a, u)
+            if bad:  # redo those tasks' HVPs exactly: the FD ones are off by jump / r
+                hv_a, hv_f = _exact_hvp_for(tm, cfg, phi_k, u, fixed, bad, hv_a, hv_f, shared_k)
+                _warn_fd_outliers(cfg, k, bad)
+            if summed:
+                hv_a, hv_f = [h.sum(0) for h in hv_a], [h.sum(0) for h in hv_f]
+        if summed:
+            v = [(vi.sum_tasks() if isinstance(vi, LowRank) else vi.sum(0)) - h
+                 for vi, h in zip(v, hv_a)]  # sum_t (v - H u)
+            v_summed = True
+        else:
+            v = task_axpby([dense(vi) for vi in v], hv_a, 1.0, check_finite=False)  # v - H u
+        for i, h in enumerate(hv_f):
+            grad_f[i] = grad_f[i] - (h if summed else h.sum(0))
+        ctx.history[k] = None  # free phi_k, g_k as soon as they are used
+    return v, v_summed
 
 
 def _exact_hvp_for(tm, cfg, phi_k, u, fixed, tasks: list[int], hv_a, hv_f, shared: bool = False):
@@ -242,7 +259,21 @@ def _reuses_last_step(ctx, cfg: EngineConfig, phi0, fixed) -> bool:
     return fused_plan(cfg.batching, cfg.task_model.task_loss, phi0, fixed, cfg.support, True) is None
 
 
-def _forward_reusing_last_step(ctx, cfg: EngineConfig, phi0, fixed, per_step, theta_a, lr_tensors):
+def _random_draws(rng: RngLog, cfg: EngineConfig) -> Optional[RngLog]:
+    """``rng`` when the forward pass drew random numbers (dropout) and the backward will
+    recompute support passes (second-order MAML, iMAML), else None."""
+    if cfg.algorithm not in ("maml", "imaml") or not rng.drew():
+        return None
+    if cfg.hvp_mode in ("fd_forward", "fd_central"):
+        raise ValueError(
+            f"hvp_mode={cfg.hvp_mode!r}: the model draws random numbers in its support pass (dropout?); finite "
+            "differences evaluate each task's gradient more than once and would compare different masks. Use "
+            "hvp_mode='exact' (the recomputed passes replay the forward pass's masks), or put the random layers "
+            "in eval mode")
+    return rng
+
+
+def _forward_reusing_last_step(ctx, cfg: EngineConfig, phi0, fixed, per_step, theta_a, lr_tensors, rng: RngLog):
     """``MetaGradient.forward`` when the last step's graph is reused: K - 1 steps as usual, then
     the last step, the query gradient and ``H(phi_{K-1}) (alpha * gq)`` task by task."""
     tm = cfg.task_model
@@ -251,6 +282,7 @@ def _forward_reusing_last_step(ctx, cfg: EngineConfig, phi0, fixed, per_step, th
     with torch.enable_grad():
         if cfg.keep_first_graph and len(per_step) > 1:
             # step 0 with its graph, kept for the backward's last HVP (at theta)
+            rng.mark()  # (not replayed: step 0 is not recomputed; keeps the log's steps aligned)
             loss0, g0, ctx.first_graph = loop_grad_keep_graph(tm.task_loss, phi0, fixed, cfg.support, shared=True,
                                                               wrt_fixed=n_f > 0)
             if cfg.check_finite:
@@ -258,14 +290,15 @@ def _forward_reusing_last_step(ctx, cfg: EngineConfig, phi0, fixed, per_step, th
             phi = _step_from_shared(phi0, g0, detached_step(per_step[0]))
             history = [(phi0, g0, [], True)]
             phi, more, sup_more = run_inner_loop(tm, phi, fixed, cfg.support, per_step[1:-1], keep_history=True,
-                                                 check_finite=cfg.check_finite, batching=cfg.batching, first_step=1)
+                                                 check_finite=cfg.check_finite, batching=cfg.batching, first_step=1,
+                                                 rng_log=rng)
             history += more
             sup_losses = torch.cat([loss0.unsqueeze(0), sup_more])
             shared = False
         elif len(per_step) > 1:
             phi, history, sup_losses = run_inner_loop(tm, phi0, fixed, cfg.support, per_step[:-1], keep_history=True,
                                                       check_finite=cfg.check_finite, shared_start=True,
-                                                      batching=cfg.batching)
+                                                      batching=cfg.batching, rng_log=rng)
             shared = False
         else:
             phi, history, sup_losses, shared = phi0, [], phi0[0].new_zeros(0, cfg.support[0].shape[0]), True
