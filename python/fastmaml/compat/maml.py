@@ -38,7 +38,7 @@ from ..meta.functional import call_with
 from ..ops.cpu_kernels import cpu_kernels
 
 
-__all__ = ["MAML"]
+__all__ = ["MAML", "MetaSGD"]
 
 
 def _check_flag(value, name: str, allow_none: bool = False) -> None:
@@ -152,11 +152,12 @@ class MAML(nn.Module):
         for value, name in ((first_order, "first_order"), (allow_unused, "allow_unused"),
                             (allow_nograd, "allow_nograd")):
             _check_flag(value, name, allow_none=True)
-        learner = MAML.__new__(MAML)
+        learner = type(self).__new__(type(self))
         nn.Module.__init__(learner)
         learner._adapted = None
         learner.add_module("module", self._modules["module"])
         learner.lr = self.lr
+        self._share_step_sizes(learner)
         learner.first_order = self.first_order if first_order is None else first_order
         learner.allow_nograd = self.allow_nograd if allow_nograd is None else allow_nograd
         learner.allow_unused = self.allow_unused if allow_unused is None else allow_unused
@@ -209,8 +210,76 @@ class MAML(nn.Module):
         updated = OrderedDict(current)
         for n, g in zip(names, grads):
             if g is not None:
-                updated[n] = current[n] - self.lr * g
+                updated[n] = current[n] - self._step_size(n) * g
         self._adapted = updated
+
+    def _step_size(self, name: str):
+        return self.lr
+
+    def _share_step_sizes(self, learner) -> None:
+        """Give a new learner this object's learnable step sizes (MAML: ``lr`` is already copied)."""
+
+
+class MetaSGD(MAML):
+    """learn2learn's ``MetaSGD`` wrapper, drop-in: MAML with a learnable step size per parameter
+    entry (Li et al. 2017), ``phi = phi - lrs * grad(loss, phi)`` elementwise.
+
+    Args:
+        model: the network whose parameters are the meta-parameters ``theta``.
+        lr: the initial value of every step size (when ``lrs`` is not given).
+        first_order: ``adapt`` computes the inner gradient without a graph.
+        lrs: the step sizes, one tensor per parameter of ``model`` (``named_parameters`` order)
+            and of its shape; default ``nn.ParameterList`` of ``lr`` everywhere. ``parameters()``
+            lists them after the network's, so one optimizer trains both.
+
+    Example:
+        >>> meta = MetaSGD(Conv4(1, 64, 5, 28), lr=0.4)
+        >>> opt = torch.optim.Adam(meta.parameters(), 1e-3)      # theta and the step sizes
+        >>> learner = meta.clone()
+        >>> learner.adapt(F.cross_entropy(learner(xs), ys))
+        >>> F.cross_entropy(learner(xq), yq).backward()
+        >>> # the same meta-gradient for all tasks at once:
+        >>> maml_loss(meta.module, F.cross_entropy, support, query, num_steps=1, lr=list(meta.lrs))
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1.0, first_order: bool = False, lrs=None):
+        super().__init__(model, lr=lr, first_order=first_order)
+        named = list(model.named_parameters())
+        if lrs is None:
+            lrs = nn.ParameterList([nn.Parameter(torch.ones_like(p.detach()) * self.lr) for _, p in named])
+        else:
+            if isinstance(lrs, Tensor) or not hasattr(lrs, "__len__"):
+                raise TypeError(f"lrs must be a list of tensors (one per parameter), got {type(lrs).__name__}")
+            if len(lrs) != len(named):
+                raise ValueError(f"lrs has {len(lrs)} tensors; expected one per parameter of the model ({len(named)})")
+            for i, ((name, p), a) in enumerate(zip(named, lrs)):
+                if not isinstance(a, Tensor) or a.shape != p.shape:
+                    shape = tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__
+                    raise ValueError(f"lrs[{i}] has shape {shape}; expected {tuple(p.shape)}, the shape of "
+                                     f"parameter {name!r}")
+        self.lrs = lrs
+        self._lr_index = {name: i for i, (name, _) in enumerate(named)}
+
+    def _step_size(self, name: str):
+        return self.lrs[self._lr_index[name]]
+
+    def _share_step_sizes(self, learner) -> None:
+        # the same tensors: the query loss's backward reaches them (learn2learn clones them,
+        # which gives the same gradients)
+        learner.lrs = self.lrs
+        learner._lr_index = self._lr_index
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, Tensor]]:
+        """On the wrapper: ``nn.Module``'s (the network's, then ``lrs``). On a learner: its adapted
+        tensors, then the step sizes."""
+        if self._adapted is None:
+            yield from super().named_parameters(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
+            return
+        yield from super().named_parameters(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
+        head = f"{prefix}." if prefix else ""
+        for i, t in enumerate(self.lrs):
+            yield f"{head}lrs.{i}", t
 
 
 class _AdaptedView:
