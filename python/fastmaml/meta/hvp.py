@@ -42,6 +42,7 @@ from ..ops.cpu_kernels import cpu_kernels
 from ..ops.multi_tensor import task_axpby, task_dot
 from . import fused_conv, fused_mlp
 from .functional import TaskModel
+from .rng import RngLog
 from .stacked import stacked_task_losses, supports_stacking
 
 HVP_MODES = ("forward_over_reverse", "reverse_over_reverse", "fd_forward", "fd_central")
@@ -570,6 +571,8 @@ def hvp(task_loss: TaskLoss, params: Sequence[Tensor], v: Sequence[Tensor], *tas
         args_ev = _cast(task_args, ev) if ev != dtype else task_args
         r_ev = r.to(ev)
         plus = fd_perturb(p_ev, v_ev, r_ev, sign=1.0)
+        rng = RngLog(params[0].device)  # the second gradient draws the first's dropout masks
+        rng.mark()
         _, gp, gpf = batched_grad(task_loss, plus, f_ev, *args_ev, wrt_fixed=wrt, batching=how)
         if scheme == "forward":
             if saved_grad is not None and ev == dtype:
@@ -577,11 +580,13 @@ def hvp(task_loss: TaskLoss, params: Sequence[Tensor], v: Sequence[Tensor], *tas
                 if len(base) != n_p + len(fixed):
                     raise ValueError(f"saved_grad must hold {n_p + len(fixed)} tensors (params then fixed), got {len(base)}")
             else:
+                rng.replay(0)
                 _, gb, gbf = batched_grad(task_loss, p_ev, f_ev, *args_ev, wrt_fixed=wrt, batching=how)
                 base = gb + gbf
             inv = 1.0 / r_ev
         else:
             minus = fd_perturb(p_ev, v_ev, r_ev, sign=-1.0)
+            rng.replay(0)
             _, gb, gbf = batched_grad(task_loss, minus, f_ev, *args_ev, wrt_fixed=wrt, batching=how)
             base = gb + gbf
             inv = 0.5 / r_ev
