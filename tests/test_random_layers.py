@@ -4,8 +4,9 @@ Specification: the second-order engines recompute each inner step's support pass
 those recomputations draw the same masks as the forward pass did, so the meta-gradient is the
 exact gradient of the loss with the masks the forward pass drew. Oracle: second-order MAML written
 out with plain autograd (``create_graph=True``), drawing its masks in the same order as the engine
-(under the loop batching: the first K - 1 steps task by task, then each task's last step and query
-pass; under vmap: one draw per step for all tasks, then the query pass). The caller's random stream
+(under the loop batching step by step over the tasks, the last step with each task's query pass;
+with ``task_by_task=True`` each task's K steps and query pass in turn; under vmap one draw per step
+for all tasks, then the query pass). The caller's random stream
 is not rewound by the backward. Finite-difference HVP modes, which would evaluate a task's gradient
 under two different masks, refuse such a model with an error that says why.
 """
@@ -42,7 +43,9 @@ def rel_err(a, b):
 
 
 def loop_oracle(net, support, query, num_steps, lr):
-    """Plain autograd in the loop batching's order of draws (its last step reuses its own graph)."""
+    """Plain autograd in the loop batching's order of draws, step by step over the tasks: the first
+    K - 1 steps of every task, then each task's last step and query pass (that step's graph is
+    reused for its HVP)."""
     theta = dict(net.named_parameters())
     (xs, ys), (xq, yq) = support, query
     num_tasks = xs.shape[0]
@@ -63,6 +66,24 @@ def loop_oracle(net, support, query, num_steps, lr):
     return torch.autograd.grad(total / num_tasks, list(theta.values()))
 
 
+def task_by_task_oracle(net, support, query, num_steps, lr):
+    """Plain autograd in the order of ``task_by_task=True``: each task's K steps and query pass."""
+    theta = dict(net.named_parameters())
+    (xs, ys), (xq, yq) = support, query
+
+    def loss(params, x, y):
+        return F.mse_loss(functional_call(net, params, (x,)), y)
+
+    total = 0.0
+    for t in range(xs.shape[0]):
+        phi = dict(theta)
+        for _ in range(num_steps):
+            g = torch.autograd.grad(loss(phi, xs[t], ys[t]), list(phi.values()), create_graph=True)
+            phi = {n: p - lr * gi for (n, p), gi in zip(phi.items(), g)}
+        total = total + loss(phi, xq[t], yq[t])
+    return torch.autograd.grad(total / xs.shape[0], list(theta.values()))
+
+
 def vmap_oracle(net, support, query, num_steps, lr):
     """Plain autograd through torch.func's vmapped inner loop: one draw per step for all tasks."""
     theta = dict(net.named_parameters())
@@ -81,14 +102,16 @@ def vmap_oracle(net, support, query, num_steps, lr):
 
 
 @pytest.mark.parametrize("num_steps", [1, 3])
-@pytest.mark.parametrize("batching,oracle", [("loop", loop_oracle), ("vmap", vmap_oracle)])
-def test_meta_gradient_is_exact_for_the_masks_the_forward_pass_drew(batching, oracle, num_steps):
+@pytest.mark.parametrize("batching,task_by_task,oracle", [("loop", False, loop_oracle), ("vmap", None, vmap_oracle),
+                                                          ("loop", True, task_by_task_oracle)])
+def test_meta_gradient_is_exact_for_the_masks_the_forward_pass_drew(batching, task_by_task, oracle, num_steps):
     net = dropout_mlp()
     support, query = episode()
     torch.manual_seed(7)
     ref = oracle(net, support, query, num_steps, 0.2)
     torch.manual_seed(7)
-    loss = maml_loss(net, F.mse_loss, support, query, num_steps=num_steps, lr=0.2, batching=batching)
+    loss = maml_loss(net, F.mse_loss, support, query, num_steps=num_steps, lr=0.2, batching=batching,
+                     task_by_task=task_by_task)
     got = torch.autograd.grad(loss, list(net.parameters()))
     assert rel_err(got, ref) < 1e-10
 

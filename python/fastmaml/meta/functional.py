@@ -21,6 +21,7 @@ torch 2.x CPU builds.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -314,10 +315,26 @@ class NonFiniteLossError(ValueError, FloatingPointError):
     """A task's loss became NaN or infinite (the message names the task and the step)."""
 
 
+# The index of the first task of the losses being checked, in the caller's numbering (an engine
+# that runs one task's slice at a time names the task of the whole batch).
+_FIRST_TASK = contextvars.ContextVar("fastmaml_first_task", default=0)
+
+
+@contextlib.contextmanager
+def numbering_tasks_from(first: int):
+    """Within the context, ``check_losses_finite`` names task ``first + t`` for the ``t``-th loss."""
+    token = _FIRST_TASK.set(first)
+    try:
+        yield
+    finally:
+        _FIRST_TASK.reset(token)
+
+
 def check_losses_finite(losses: Tensor, what: str) -> None:
     """Raise naming the first task whose loss is NaN or infinite."""
     bad = ~torch.isfinite(losses.detach())
     if bool(bad.any()):
         t = int(bad.nonzero()[0, 0])
         raise NonFiniteLossError(
-            f"{what}: the loss of task {t} is {losses[t].item()} (non-finite); check that task's data and the step sizes")
+            f"{what}: the loss of task {t + _FIRST_TASK.get()} is {losses[t].item()} (non-finite); check that task's "
+            f"data and the step sizes")
