@@ -106,7 +106,7 @@ def plot_meta(rows, out: Path, plt) -> list[Path]:
         fig, axes = plt.subplots(2, len(workloads), figsize=(5.5 * len(workloads), 8), squeeze=False)
         for j, wl in enumerate(workloads):
             timed = [r for r in conv if r["workload"] == wl and r.get("kind") != "memory_curve"
-                     and r.get("check") == "ok"]
+                     and r.get("check") in ("ok", "ok (f64)")]
             _lines(axes[0][j], _series(timed, "steps", "median_ms", "provider"), xlabel="inner steps K",
                    ylabel="meta-gradient time (ms)", title=f"workload {wl}: time, second order", logy=True)
             mem = [r for r in conv if r["workload"] == wl]
@@ -115,7 +115,7 @@ def plot_meta(rows, out: Path, plt) -> list[Path]:
         fig.suptitle(f"meta-gradient engine: {_subtitle(conv)}", fontsize=9)
         path = _save(fig, plt, out / "bench_meta_vs_steps.png")
         written.append(path)
-    sine = [r for r in rows if r.get("workload") == "C" and r.get("check") == "ok"]
+    sine = [r for r in rows if r.get("workload") == "C" and r.get("check") in ("ok", "ok (f64)")]
     if sine:
         fig, ax = plt.subplots(figsize=(5.5, 4))
         _lines(ax, _series(sine, "tasks", "median_ms", "provider"), xlabel="tasks T", ylabel="meta-gradient time (ms)",
