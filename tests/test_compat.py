@@ -125,34 +125,32 @@ def test_learnable_step_size_gets_its_meta_gradient():
     torch.testing.assert_close(lr.grad, expected_lr, **TOL)
 
 
-def _learn2learn_maml():
-    """learn2learn's MAML class: installed, or loaded from FASTMAML_L2L_PATH (the package directory)."""
+def learn2learn_class(module: str, name: str):
+    """``learn2learn.algorithms.<module>.<name>``: installed, or loaded from FASTMAML_L2L_PATH (the
+    package directory) without the package's dataset dependencies."""
     try:
-        from learn2learn.algorithms import MAML as L2LMAML
-        return L2LMAML
+        return getattr(importlib.import_module(f"learn2learn.algorithms.{module}"), name)
     except ImportError:
         pass
     root = os.environ.get("FASTMAML_L2L_PATH")
     if not root:
         pytest.skip("learn2learn is not installed (set FASTMAML_L2L_PATH to its package directory to compare)")
-    saved = {k: sys.modules.get(k) for k in ("learn2learn", "learn2learn.algorithms")}
-    try:  # load only learn2learn.algorithms.maml, without the package's dataset dependencies
-        for name, sub in (("learn2learn", ""), ("learn2learn.algorithms", "algorithms")):
-            stub = types.ModuleType(name)
+    saved = {k: v for k, v in sys.modules.items() if k.startswith("learn2learn")}
+    try:
+        for stub_name, sub in (("learn2learn", ""), ("learn2learn.algorithms", "algorithms")):
+            stub = types.ModuleType(stub_name)
             stub.__path__ = [os.path.join(root, sub)]
-            sys.modules[name] = stub
-        return importlib.import_module("learn2learn.algorithms.maml").MAML
+            sys.modules[stub_name] = stub
+        return getattr(importlib.import_module(f"learn2learn.algorithms.{module}"), name)
     finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
+        for k in [k for k in sys.modules if k.startswith("learn2learn")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
 
 
 @pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
 def test_meta_gradient_matches_learn2learn(first_order):
-    L2LMAML = _learn2learn_maml()
+    L2LMAML = learn2learn_class("maml", "MAML")
     torch.manual_seed(3)
     model = conv_bn()
     tasks = make_tasks((1, 8, 8), num_tasks=2)

@@ -7,10 +7,8 @@ float64; learn2learn's own ``MetaSGD`` when it can be loaded; the batched engine
 ``lr``, are listed by ``parameters()`` after the network's and are trained by one optimizer; bad
 ``lrs`` are named.
 """
-import importlib
 import os
 import sys
-import types
 
 import pytest
 import torch
@@ -21,7 +19,7 @@ from fastmaml.compat import MetaSGD, stack_tasks
 from fastmaml.meta import maml_loss
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_compat import NETS, make_tasks  # noqa: E402
+from test_compat import NETS, learn2learn_class, make_tasks  # noqa: E402
 
 DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -115,35 +113,9 @@ def test_bad_step_sizes_are_named():
         MetaSGD(model, lrs=torch.ones(3))
 
 
-def _learn2learn_meta_sgd():
-    """learn2learn's MetaSGD: installed, or loaded from FASTMAML_L2L_PATH (the package directory)."""
-    try:
-        from learn2learn.algorithms import MetaSGD as L2LMetaSGD
-        return L2LMetaSGD
-    except ImportError:
-        pass
-    root = os.environ.get("FASTMAML_L2L_PATH")
-    if not root:
-        pytest.skip("learn2learn is not installed (set FASTMAML_L2L_PATH to its package directory to compare)")
-    names = ("learn2learn", "learn2learn.algorithms")
-    saved = {k: sys.modules.get(k) for k in names + ("learn2learn.utils",)}
-    try:  # learn2learn.algorithms.meta_sgd and what it imports, without the dataset dependencies
-        for name, sub in zip(names, ("", "algorithms")):
-            stub = types.ModuleType(name)
-            stub.__path__ = [os.path.join(root, sub)]
-            sys.modules[name] = stub
-        return importlib.import_module("learn2learn.algorithms.meta_sgd").MetaSGD
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
-
-
 @pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
 def test_meta_gradients_match_learn2learn(first_order):
-    L2LMetaSGD = _learn2learn_meta_sgd()
+    L2LMetaSGD = learn2learn_class("meta_sgd", "MetaSGD")
     torch.manual_seed(4)
     model = NETS["conv_bn"][0]()
     tasks = make_tasks((1, 8, 8), num_tasks=2)
