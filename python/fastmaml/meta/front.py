@@ -5,12 +5,13 @@ learnable step sizes with the meta-gradient of the chosen algorithm.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .functional import AdaptSpec, TaskModel, check_task_data
+from .functional import AdaptSpec, TaskModel, autocast_active, check_task_data
 from .hvp import resolve_batching, resolve_hvp_mode
 from .imaml import IMAMLGradient
 from .inner_loop import StepSpec, _adapted_shapes, check_num_steps, lslr_step_sizes, meta_sgd_step_sizes, \
@@ -127,6 +128,9 @@ def maml_loss(model, loss_fn: Optional[Callable] = None, support=None, query=Non
             raise TypeError(f"step size tensor {j} is {t.dtype} on {t.device}; expected {like.dtype} on {like.device} "
                             f"like the model's parameters")
     info = {} if info is None else info
+    if autocast_active() and engine == "recursion":
+        warnings.warn("maml_loss runs in the dtype of the model's parameters: torch.autocast is turned off inside "
+                      "it (its forward and backward passes)", UserWarning, stacklevel=2)
 
     if engine == "autograd":
         if algorithm not in ("maml", "fomaml"):

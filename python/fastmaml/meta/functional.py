@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -110,6 +111,24 @@ def recompute_batch_norm_stats(model: nn.Module, batches) -> nn.Module:
     if seen == 0:
         raise ValueError("batches is empty: no statistics to compute")
     return model
+
+
+def autocast_active() -> bool:
+    """Whether ``torch.autocast`` is on for the CPU or CUDA in this thread."""
+    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+
+
+def without_autocast(fn):
+    """Run ``fn`` with autocast off (CPU and CUDA): the engine's passes, fused kernels and HVP
+    recursion run in the parameters' dtype (under autocast they met bfloat16 / float16 activations
+    against float32 weights and failed in the kernels)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not autocast_active():
+            return fn(*args, **kwargs)
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def tensor_slots(model: nn.Module) -> dict[str, tuple[str, ...]]:

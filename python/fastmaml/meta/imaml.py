@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..ops.block_reuse import reusing_cpu_blocks
 from ..ops.multi_tensor import task_axpby, task_dot
-from .functional import check_losses_finite
+from .functional import check_losses_finite, without_autocast
 from .hvp import batched_grad, hvp
 from .inner_loop import run_inner_loop
 from .maml import EngineConfig, _per_task, _random_draws, _resolve_step
@@ -85,6 +85,7 @@ class IMAMLGradient(torch.autograd.Function):
     """``(theta_adapted..., theta_fixed..., lr tensors...) -> per-task query losses [T]`` (iMAML)."""
 
     @staticmethod
+    @without_autocast
     @reusing_cpu_blocks
     def forward(ctx, cfg: EngineConfig, lam: float, cg_iters: int, cg_tol: float, *inputs):
         n_a, n_f = cfg.n_a, cfg.n_f
@@ -114,6 +115,7 @@ class IMAMLGradient(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @without_autocast
     @reusing_cpu_blocks
     def backward(ctx, grad_out: Tensor):
         cfg, lam = ctx.cfg, ctx.lam

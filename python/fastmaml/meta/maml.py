@@ -35,7 +35,7 @@ from ..ops.block_reuse import reusing_cpu_blocks
 from ..ops.multi_tensor import task_axpby
 from .fd_guard import FD_OUTLIER_RATIO, FDGuard
 from . import fused_conv
-from .functional import TaskModel, check_losses_finite, numbering_tasks_from
+from .functional import TaskModel, check_losses_finite, numbering_tasks_from, without_autocast
 from .fused_mlp import LowRank, dense
 from .hvp import batched_grad, fused_plan, hvp, kept_graph_hvp, loop_grad_keep_graph, loop_last_step, resolve_batching
 from .inner_loop import _step_from_shared, detached_step, run_inner_loop
@@ -86,12 +86,14 @@ class MetaGradient(torch.autograd.Function):
     """``(theta_adapted..., theta_fixed..., lr tensors...) -> per-task query losses [T]``."""
 
     @staticmethod
+    @without_autocast
     @reusing_cpu_blocks
     def forward(ctx, cfg: EngineConfig, *inputs):
         return _forward(ctx, cfg, *inputs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @without_autocast
     @reusing_cpu_blocks
     def backward(ctx, grad_out: Tensor):
         return _backward(ctx, grad_out)
