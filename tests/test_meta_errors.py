@@ -27,6 +27,18 @@ def test_mismatched_task_counts():
         maml_loss(net, mse_loss, (sup[0], sup[1][:2]), qry, num_steps=1, lr=0.1)
 
 
+def test_data_unlike_the_parameters_or_without_samples_is_named():
+    net, sup, qry = setup()
+    with pytest.raises(TypeError, match="support x is torch.float32; expected torch.float64"):
+        maml_loss(net, mse_loss, (sup[0].float(), sup[1]), qry, num_steps=1, lr=0.1)
+    with pytest.raises(TypeError, match="query x is torch.float32"):
+        maml_loss(net, mse_loss, sup, (qry[0].float(), qry[1]), num_steps=1, lr=0.1)
+    with pytest.raises(ValueError, match=r"support x has shape \(3, 0, 3\): no samples per task"):
+        maml_loss(net, mse_loss, (sup[0][:, :0], sup[1][:, :0]), qry, num_steps=1, lr=0.1)
+    with pytest.raises(ValueError, match="query y has shape"):
+        maml_loss(net, mse_loss, sup, (qry[0], qry[1][:, :0]), num_steps=1, lr=0.1)
+
+
 @pytest.mark.parametrize("bad", [-1, -5])
 def test_negative_steps(bad):
     net, sup, qry = setup()

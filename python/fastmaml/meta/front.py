@@ -127,6 +127,7 @@ def maml_loss(model, loss_fn: Optional[Callable] = None, support=None, query=Non
         if t.dtype != like.dtype or t.device != like.device:
             raise TypeError(f"step size tensor {j} is {t.dtype} on {t.device}; expected {like.dtype} on {like.device} "
                             f"like the model's parameters")
+    _check_data_like(support, query, like)
     info = {} if info is None else info
     if autocast_active() and engine == "recursion":
         warnings.warn("maml_loss runs in the dtype of the model's parameters: torch.autocast is turned off inside "
@@ -159,6 +160,23 @@ def maml_loss(model, loss_fn: Optional[Callable] = None, support=None, query=Non
     if reduction == "sum":
         return losses.sum()
     return losses
+
+
+def _check_data_like(support, query, like: Tensor) -> None:
+    """Samples per task, and the data's dtype and device against the parameters' (named)."""
+    for name, batch in (("support", support), ("query", query)):
+        if batch is None:
+            continue
+        for part, t in zip(("x", "y"), batch):
+            if t.dim() >= 2 and t.shape[1] == 0:
+                raise ValueError(f"{name} {part} has shape {tuple(t.shape)}: no samples per task (N = 0)")
+            if t.device != like.device:
+                raise ValueError(f"{name} {part} is on {t.device}; expected {like.device}, where the model's "
+                                 f"parameters are")
+        x = batch[0]
+        if x.is_floating_point() and x.dtype != like.dtype:
+            raise TypeError(f"{name} x is {x.dtype}; expected {like.dtype} like the model's parameters (cast the data "
+                            f"or the model)")
 
 
 class MAML(nn.Module):
