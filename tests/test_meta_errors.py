@@ -144,3 +144,30 @@ def test_conv4_rejects_images_too_small_for_four_pools():
 
     with pytest.raises(ValueError, match="image_size must be an int >= 16"):
         Conv4(1, 8, 5, 8)
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "imaml"])
+def test_a_non_finite_meta_gradient_from_finite_losses_is_named(algorithm, monkeypatch):
+    """An overflow inside the backward recursion (simulated: one HVP entry set to inf) raises
+    naming the parameter, unless check_finite=False."""
+    from fastmaml.meta import imaml as imaml_module
+    from fastmaml.meta import maml as maml_module
+    from fastmaml.meta.maml import NonFiniteMetaGradientError
+
+    module = maml_module if algorithm == "maml" else imaml_module
+    real = module.hvp
+
+    def overflowing(*args, **kwargs):
+        hv_a, hv_f = real(*args, **kwargs)
+        hv_a = [h.clone() for h in hv_a]
+        hv_a[0].view(-1)[0] = float("inf")
+        return hv_a, hv_f
+
+    monkeypatch.setattr(module, "hvp", overflowing)
+    net, sup, qry = setup()
+    params = list(net.parameters())
+    kw = dict(num_steps=2, lr=0.1, algorithm=algorithm, batching="vmap")
+    with pytest.raises(NonFiniteMetaGradientError, match="meta-gradient of parameter '0.weight'"):
+        torch.autograd.grad(maml_loss(net, mse_loss, sup, qry, **kw), params)
+    grads = torch.autograd.grad(maml_loss(net, mse_loss, sup, qry, check_finite=False, **kw), params)
+    assert not bool(torch.isfinite(grads[0]).all())

@@ -9,13 +9,14 @@ from .functional import NonFiniteLossError, TaskModel, batch_stats_only, recompu
 from .hvp import HVP_MODES, batched_grad, hvp, hvp_fd_step
 from .imaml import batched_cg
 from .inner_loop import adapt, lslr_step_sizes, meta_sgd_step_sizes, normalize_step_sizes
-from .maml import ALGORITHMS
+from .maml import ALGORITHMS, NonFiniteMetaGradientError
 
 __all__ = [
     "ALGORITHMS",
     "HVP_MODES",
     "MAML",
     "NonFiniteLossError",
+    "NonFiniteMetaGradientError",
     "TaskModel",
     "adapt",
     "batch_stats_only",

@@ -22,7 +22,7 @@ from ..ops.multi_tensor import task_axpby, task_dot
 from .functional import check_losses_finite, without_autocast
 from .hvp import batched_grad, hvp
 from .inner_loop import run_inner_loop
-from .maml import EngineConfig, _per_task, _random_draws, _resolve_step
+from .maml import EngineConfig, _per_task, _random_draws, _resolve_step, check_meta_gradient_finite
 from .rng import RngLog
 
 
@@ -150,4 +150,6 @@ class IMAMLGradient(torch.autograd.Function):
                 _, hf = hvp(tm.task_loss, ctx.phi, x, *cfg.support, fixed=fixed, mode=mode, fd_dtype=cfg.fd_dtype,
                             batching=cfg.batching)
             grad_f = [(_per_task(w, g) * g).sum(0) - h.sum(0) / lam for g, h in zip(gq_f, hf)]
+        if cfg.check_finite:
+            check_meta_gradient_finite(cfg, [*grad_a, *grad_f], grad_out)
         return (None, None, None, None, *grad_a, *grad_f, *([None] * ctx.n_lr))

@@ -96,7 +96,10 @@ class MetaGradient(torch.autograd.Function):
     @without_autocast
     @reusing_cpu_blocks
     def backward(ctx, grad_out: Tensor):
-        return _backward(ctx, grad_out)
+        grads = _backward(ctx, grad_out)
+        if ctx.cfg.check_finite:
+            check_meta_gradient_finite(ctx.cfg, grads[1:], grad_out)
+        return grads
 
 
 def _forward(ctx, cfg: EngineConfig, *inputs):
@@ -154,6 +157,26 @@ def _forward(ctx, cfg: EngineConfig, *inputs):
     ctx.rng = _random_draws(rng, cfg)
     ctx.save_for_backward(*theta_a, *fixed, *lr_tensors)
     return q_losses.detach()
+
+
+class NonFiniteMetaGradientError(FloatingPointError):
+    """The backward produced NaN or infinite meta-gradients from finite losses and weights."""
+
+
+def check_meta_gradient_finite(cfg: EngineConfig, grads, grad_out: Tensor) -> None:
+    """Raise naming the first meta-gradient (parameter, fixed tensor or step size) with a NaN or an
+    infinity, when the incoming gradient of the losses was finite (else the caller's own)."""
+    if not bool(torch.isfinite(grad_out).all()):
+        return
+    tm = cfg.task_model
+    names = ([f"parameter {n!r}" for n in tm.adapt_names] if not tm.context else []) + [
+        f"parameter {n!r}" for n in tm.fixed_names] + [f"step size tensor {j}" for j in range(cfg.n_lr)]
+    for name, g in zip(names, grads):
+        if g is not None and not bool(torch.isfinite(g).all()):
+            raise NonFiniteMetaGradientError(
+                f"the meta-gradient of {name} has non-finite entries although the losses were finite: the "
+                f"backward recursion overflowed (smaller step sizes, fewer inner steps, or float64 would tell); "
+                f"pass check_finite=False to get it anyway")
 
 
 def _backward(ctx, grad_out: Tensor):
