@@ -36,6 +36,8 @@ Providers of the second-order meta-gradient (d mean_t L_query / d theta):
                   results; batch norm's channel sums are added in another order)
   fastmaml_fresh_blocks  (on request) fastmaml_exact without the reuse of freed CPU blocks
                   (``no_block_reuse()``): every allocation from PyTorch's allocator, as before
+  fastmaml_task_by_task  (on request) fastmaml_exact with task_by_task=True: each task's inner loop and
+                  backward in turn, one task's per-step tensors kept
   fastmaml_fd64   maml_loss(hvp_mode="fd_central", fd_dtype=float64)
   fastmaml_fd32   maml_loss(hvp_mode="fd_forward") in float32 (reuses the saved gradients)
 
@@ -88,7 +90,7 @@ ERR_FLOOR = 1e-3
 PROVIDERS = ("loop_autograd", "func_vmap", "higher", "learn2learn", "fastmaml_exact", "fastmaml_loop",
              "fastmaml_stock_ops", "fastmaml_fd64")
 OPTIONAL_PROVIDERS = ("fastmaml_fd32", "fastmaml_fwdrev", "fastmaml_revrev", "fastmaml_stacked", "fastmaml_vmap",
-                      "fastmaml_nolast", "fastmaml_keepfirst", "fastmaml_fresh_blocks")
+                      "fastmaml_nolast", "fastmaml_keepfirst", "fastmaml_fresh_blocks", "fastmaml_task_by_task")
 BASELINES = ("loop_autograd", "func_vmap", "higher", "learn2learn")
 FD_PROVIDERS = ("fastmaml_fd64", "fastmaml_fd32")  # approximations: their float32 error is their accuracy
 # An exact provider whose float32 error is beyond the float32 bound passes ("ok (f64)") if the same
@@ -108,7 +110,8 @@ LEVELS = {
     # workloads and the providers the memory claims are about get one
     "standard": dict(workloads=("layers", "hvp", "C", "A", "B"), c_tasks=(25, 1000), a_steps=(1, 5), b_steps=(5,),
                      memory=True, memory_workloads=("A", "B"),
-                     memory_providers=("loop_autograd", "func_vmap", "higher", "fastmaml_exact"),
+                     memory_providers=("loop_autograd", "func_vmap", "higher", "fastmaml_exact",
+                                       "fastmaml_task_by_task"),
                      curve_steps=(2, 10), repeats=2, c_repeats=5, hvp_repeats=3),
     "full": dict(workloads=("layers", "hvp", "C", "A", "B"), c_tasks=(25, 1000), a_steps=(1, 5, 10, 20), b_steps=(5, 20),
                  memory=True, memory_workloads=("A", "B", "C"), memory_providers=None,
@@ -196,7 +199,8 @@ def provider_fn(provider: str, net, loss_fn, support, query, num_steps: int, lr:
           "fastmaml_loop": dict(hvp_mode="exact", batching="loop"),
           "fastmaml_nolast": dict(hvp_mode="exact", batching="loop", reuse_last_step=False),
           "fastmaml_keepfirst": dict(hvp_mode="exact", batching="loop", keep_first_graph=True),
-          "fastmaml_fresh_blocks": dict(hvp_mode="exact")}[provider]  # run inside no_block_reuse()
+          "fastmaml_fresh_blocks": dict(hvp_mode="exact"),  # run inside no_block_reuse()
+          "fastmaml_task_by_task": dict(hvp_mode="exact", task_by_task=True)}[provider]
     ops = {"fastmaml_stock_ops": stock_kernels, "fastmaml_fresh_blocks": no_block_reuse}.get(provider,
                                                                                             contextlib.nullcontext)
 
