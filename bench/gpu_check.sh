@@ -48,7 +48,7 @@ except RuntimeError as e:
   OMP_NUM_THREADS=2 FASTMAML_REQUIRE_NATIVE=1 timeout "${STAGE_TESTS:-90}" "$PY" -m pytest -q -p no:cacheprovider \
     -n 8 -rfE tests/test_cuda_consistency.py tests/test_svm_triton.py tests/test_multi_tensor.py \
     tests/test_inner_update.py tests/test_backend.py tests/test_bench.py tests/test_task_matmul.py \
-    tests/test_buffer_cache.py tests/test_max_pool.py tests/test_relu_bitmask.py tests/test_batch_norm.py tests/test_conv_fixed_input.py tests/test_cpu_kernels.py 2>&1 | grep -v "^SKIPPED" | tail -n 120
+    tests/test_buffer_cache.py tests/test_max_pool.py tests/test_relu_bitmask.py tests/test_batch_norm.py tests/test_conv_fixed_input.py tests/test_cpu_kernels.py tests/test_random_layers.py 2>&1 | grep -v "^SKIPPED" | tail -n 120
   if [ "${1:-}" = "full" ]; then
     stamp "whole suite"
     OMP_NUM_THREADS=1 FASTMAML_REQUIRE_NATIVE=1 timeout 300 "$PY" -m pytest -q -p no:cacheprovider -n 14 -rfE \

@@ -101,12 +101,18 @@ def vmap_oracle(net, support, query, num_steps, lr):
     return torch.autograd.grad(losses.mean(), list(theta.values()))
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                               reason="needs a CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("num_steps", [1, 3])
 @pytest.mark.parametrize("batching,task_by_task,oracle", [("loop", False, loop_oracle), ("vmap", None, vmap_oracle),
                                                           ("loop", True, task_by_task_oracle)])
-def test_meta_gradient_is_exact_for_the_masks_the_forward_pass_drew(batching, task_by_task, oracle, num_steps):
-    net = dropout_mlp()
-    support, query = episode()
+def test_meta_gradient_is_exact_for_the_masks_the_forward_pass_drew(batching, task_by_task, oracle, num_steps,
+                                                                    device):
+    net = dropout_mlp().to(device)
+    support, query = [tuple(t.to(device) for t in batch) for batch in episode()]
     torch.manual_seed(7)
     ref = oracle(net, support, query, num_steps, 0.2)
     torch.manual_seed(7)
