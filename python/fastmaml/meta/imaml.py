@@ -22,7 +22,7 @@ from ..ops.multi_tensor import task_axpby, task_dot
 from .functional import check_losses_finite, without_autocast
 from .hvp import batched_grad, hvp
 from .inner_loop import run_inner_loop
-from .maml import EngineConfig, _per_task, _random_draws, _resolve_step, check_meta_gradient_finite
+from .maml import EngineConfig, _per_task, _random_draws, check_meta_gradient_finite, split_inputs
 from .rng import RngLog
 
 
@@ -88,12 +88,9 @@ class IMAMLGradient(torch.autograd.Function):
     @without_autocast
     @reusing_cpu_blocks
     def forward(ctx, cfg: EngineConfig, lam: float, cg_iters: int, cg_tol: float, *inputs):
-        n_a, n_f = cfg.n_a, cfg.n_f
-        theta_a = [t.detach() for t in inputs[:n_a]]
-        fixed = [t.detach() for t in inputs[n_a:n_a + n_f]]
-        lr_tensors = [t.detach() for t in inputs[n_a + n_f:]]
+        n_f = cfg.n_f
+        theta_a, fixed, lr_tensors, per_step = split_inputs(cfg, inputs)
         tm = cfg.task_model
-        per_step = [_resolve_step(s, lr_tensors) for s in cfg.per_step]
         rng = RngLog(cfg.support[0].device)
         with torch.enable_grad():
             phi, _, sup_losses = run_inner_loop(tm, tm.shared_start(theta_a), fixed, cfg.support, per_step,

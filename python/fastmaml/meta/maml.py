@@ -82,6 +82,16 @@ def _resolve_step(step, lr_tensors):
     return [lr_tensors[int(a)] if isinstance(a, LrRef) else a for a in step]
 
 
+def split_inputs(cfg: EngineConfig, inputs):
+    """The Functions' inputs, detached: ``(theta_adapted, theta_fixed, lr tensors, per-step step
+    sizes with the lr tensors in place)``."""
+    n_a, n_f = cfg.n_a, cfg.n_f
+    theta_a = [t.detach() for t in inputs[:n_a]]
+    fixed = [t.detach() for t in inputs[n_a:n_a + n_f]]
+    lr_tensors = [t.detach() for t in inputs[n_a + n_f:]]
+    return theta_a, fixed, lr_tensors, [_resolve_step(s, lr_tensors) for s in cfg.per_step]
+
+
 class MetaGradient(torch.autograd.Function):
     """``(theta_adapted..., theta_fixed..., lr tensors...) -> per-task query losses [T]``."""
 
@@ -104,12 +114,9 @@ class MetaGradient(torch.autograd.Function):
 
 def _forward(ctx, cfg: EngineConfig, *inputs):
     """``MetaGradient.forward``'s body (``ctx``: an autograd context, or a ``_TaskContext``)."""
-    n_a, n_f = cfg.n_a, cfg.n_f
-    theta_a = [t.detach() for t in inputs[:n_a]]
-    fixed = [t.detach() for t in inputs[n_a:n_a + n_f]]
-    lr_tensors = [t.detach() for t in inputs[n_a + n_f:]]
+    n_f = cfg.n_f
+    theta_a, fixed, lr_tensors, per_step = split_inputs(cfg, inputs)
     tm = cfg.task_model
-    per_step = [_resolve_step(s, lr_tensors) for s in cfg.per_step]
     second = cfg.algorithm == "maml"
     keep = cfg.algorithm in ("maml", "fomaml")
     fd_reuse = second and cfg.hvp_mode == "fd_forward" and cfg.fd_dtype in (None, theta_a[0].dtype if theta_a
