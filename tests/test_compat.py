@@ -84,16 +84,21 @@ def hand_written_meta_grad(model, forward, tasks, num_steps, lr, first_order):
     return torch.autograd.grad(total / len(tasks), wrt)
 
 
-def compat_meta_grad(model, tasks, num_steps, lr, first_order):
-    """The learn2learn pattern on fastmaml.compat.MAML: clone, adapt K times, backward the query loss."""
-    model.zero_grad()
-    maml = MAML(model, lr=lr, first_order=first_order)
+def learner_loop_grads(wrapper, tasks, num_steps):
+    """The learn2learn pattern: clone, adapt K times, backward the query loss; the ``.grad`` of
+    every parameter of the wrapper (the network's, then its own step sizes if any)."""
+    wrapper.zero_grad()
     for xs, ys, xq, yq in tasks:
-        learner = maml.clone()
+        learner = wrapper.clone()
         for _ in range(num_steps):
             learner.adapt(F.cross_entropy(learner(xs), ys))
         (F.cross_entropy(learner(xq), yq) / len(tasks)).backward()
-    return [p.grad.clone() for p in model.parameters()]
+    return [p.grad.clone() for p in wrapper.parameters()]
+
+
+def compat_meta_grad(model, tasks, num_steps, lr, first_order):
+    """The learn2learn pattern on fastmaml.compat.MAML."""
+    return learner_loop_grads(MAML(model, lr=lr, first_order=first_order), tasks, num_steps)
 
 
 # -- meta-gradients against the hand-written loop -------------------------------------------------
