@@ -129,6 +129,28 @@ def test_imaml_cg_iteration_cap_is_reported():
     assert bool((info["cg_residual"] > 1e-14).all())
 
 
+def test_imaml_warns_when_cg_stops_far_from_the_solution():
+    """A convex task loss (a linear model with MSE: I + H/lam is positive definite): one CG step
+    leaves a residual above 1e-3 and is warned, naming the tasks; enough steps are silent."""
+    import warnings
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(6, 2).double()
+    g = torch.Generator().manual_seed(1)
+    sup = (torch.randn(3, 8, 6, dtype=F64, generator=g) * torch.logspace(0, 1, 6, dtype=F64),
+           torch.randn(3, 8, 2, dtype=F64, generator=g))
+    qry = (torch.randn(3, 5, 6, dtype=F64, generator=g), torch.randn(3, 5, 2, dtype=F64, generator=g))
+    kw = dict(num_steps=2, lr=0.01, algorithm="imaml", imaml_lambda=0.5, batching="vmap")
+    info = {}
+    with pytest.warns(RuntimeWarning, match=r"stopped after cg_iters=1 iterations .* for tasks \[0, 1, 2\]"):
+        maml_loss(net, mse_loss, sup, qry, cg_iters=1, info=info, **kw).backward()
+    assert not bool(info["cg_indefinite"].any()) and bool((info["cg_residual"] > 1e-3).all())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        maml_loss(net, mse_loss, sup, qry, cg_iters=50, cg_tol=1e-12, info=info, **kw).backward()
+    assert bool(info["cg_converged"].all())
+
+
 def test_imaml_finite_difference_hvps_are_close():
     tm, sup, qry = build("mlp", "all", 3)
     params = list(tm.model.parameters())

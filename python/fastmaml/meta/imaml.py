@@ -81,6 +81,12 @@ def batched_cg(matvec: Callable[[list[Tensor]], list[Tensor]], b: Sequence[Tenso
                "converged": residual <= tol, "indefinite": indefinite}
 
 
+# An unconverged solve (cg_tol not reached in cg_iters) is always in info["cg_converged"]; it is
+# also warned when its relative residual stays above this (below it the implicit gradient is off
+# by less than 0.1%, and float32 often cannot reach a tight cg_tol at all)
+CG_WARN_RESIDUAL = 1e-3
+
+
 class IMAMLGradient(torch.autograd.Function):
     """``(theta_adapted..., theta_fixed..., lr tensors...) -> per-task query losses [T]`` (iMAML)."""
 
@@ -138,6 +144,13 @@ class IMAMLGradient(torch.autograd.Function):
             bad = info["indefinite"].nonzero().flatten().tolist()
             warnings.warn(f"iMAML: I + H/lam is indefinite for tasks {bad} (CG stopped there with relative residual "
                           f"{info['residual'][bad].tolist()}); increase imaml_lambda", RuntimeWarning, stacklevel=2)
+        slow = (~info["converged"]) & (~info["indefinite"]) & (info["residual"] > CG_WARN_RESIDUAL)
+        if bool(slow.any()):
+            bad = slow.nonzero().flatten().tolist()
+            warnings.warn(f"iMAML: conjugate gradient stopped after cg_iters={ctx.cg_iters} iterations with relative "
+                          f"residual {info['residual'][bad].tolist()} for tasks {bad} (above {CG_WARN_RESIDUAL:g}): "
+                          f"their implicit gradients are that far off; raise cg_iters or imaml_lambda",
+                          RuntimeWarning, stacklevel=2)
         grad_a = [xi.sum(0) for xi in x] if not tm.context else []
         grad_f = []
         if cfg.n_f:
