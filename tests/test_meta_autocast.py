@@ -38,3 +38,24 @@ def test_autocast_is_turned_off_inside_and_the_result_is_unchanged(kw, backward_
     assert loss.dtype == torch.float32
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
+
+
+def test_the_functional_pieces_also_run_with_autocast_off():
+    """``batched_grad``, ``hvp`` and ``adapt`` (for torch.func users) give what they give outside
+    autocast (they failed in the fused kernels under it)."""
+    from fastmaml.meta.functional import TaskModel
+    from fastmaml.meta.hvp import batched_grad, hvp
+    from fastmaml.meta.inner_loop import adapt
+
+    net, (xs, ys), _ = problem()
+    tm = TaskModel(net, F.cross_entropy)
+    phi = tm.initial_adapted(tm.theta_adapted(), 3)
+    v = [torch.randn_like(p) for p in phi]
+    calls = {"grad": lambda: batched_grad(tm.task_loss, phi, [], xs, ys)[1],
+             "hvp": lambda: hvp(tm.task_loss, phi, v, xs, ys, mode="exact", batching="auto")[0],
+             "adapt": lambda: adapt(tm, (xs, ys), 2, 0.3)}
+    for name, call in calls.items():
+        expected = call()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = call()
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)), name

@@ -124,7 +124,7 @@ def without_autocast(fn):
     against float32 weights and failed in the kernels)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if not autocast_active():
+        if not autocast_active():  # (the usual case: one thread-local flag read per call)
             return fn(*args, **kwargs)
         with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
             return fn(*args, **kwargs)

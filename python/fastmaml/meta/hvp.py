@@ -41,7 +41,7 @@ from ..ops.block_reuse import reusing_cpu_blocks
 from ..ops.cpu_kernels import cpu_kernels
 from ..ops.multi_tensor import task_axpby, task_dot
 from . import fused_conv, fused_mlp
-from .functional import TaskModel
+from .functional import TaskModel, without_autocast
 from .rng import RngLog
 from .stacked import stacked_task_losses, supports_stacking
 
@@ -369,6 +369,7 @@ def _in_dims(n_task_args: int, shared_params: bool = False):
     return (None if shared_params else 0, None) + (0,) * n_task_args
 
 
+@without_autocast  # in the parameters' dtype (the fused kernels take float32 / float64)
 @reusing_cpu_blocks  # its per-task activations reuse freed CPU blocks (ops/block_reuse.py)
 def batched_grad(task_loss: TaskLoss, params: Sequence[Tensor], fixed: Sequence[Tensor], *task_args: Tensor,
                  wrt_fixed: bool = False, shared_params: bool = False, batching: str = "vmap",
@@ -450,6 +451,7 @@ def _cast(ts, dtype):
     return tuple(t.to(dtype) if t.is_floating_point() else t for t in ts)
 
 
+@without_autocast
 @reusing_cpu_blocks
 def hvp(task_loss: TaskLoss, params: Sequence[Tensor], v: Sequence[Tensor], *task_args: Tensor,
         fixed: Sequence[Tensor] = (), mode: str = "forward_over_reverse", r: Optional[Tensor] = None,

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.multi_tensor import task_axpby
-from .functional import TaskModel, check_losses_finite
+from .functional import TaskModel, check_losses_finite, without_autocast
 from .fused_mlp import LowRank, ShiftedLowRank, dense
 from .hvp import batched_grad
 
@@ -221,6 +221,7 @@ def run_inner_loop(task_model: TaskModel, phi0: Sequence[Tensor], fixed: Sequenc
     return phi, history, stacked
 
 
+@without_autocast
 def adapt(task_model: TaskModel, support: tuple[Tensor, Tensor], num_steps: int, lr: StepSpec,
           *, create_graph: bool = False):
     """The batched inner loop, differentiable when ``create_graph`` (the plain-autograd path).
