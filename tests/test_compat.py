@@ -71,16 +71,19 @@ def make_tasks(sample_shape, num_tasks, n_support=6, n_query=9, n_way=4, seed=0,
 
 
 def hand_written_meta_grad(model, forward, tasks, num_steps, lr, first_order):
-    """The plain loop: per task, K steps of p - lr * grad (create_graph unless first order), mean query loss."""
+    """The plain loop: per task, K steps of p - lr * grad (create_graph unless first order), mean query
+    loss. ``lr``: a float, a 0-dim tensor, or a list of one tensor per parameter (Meta-SGD); the
+    gradients of the tensors among them follow the parameters'."""
     theta = list(model.parameters())
+    lrs = list(lr) if isinstance(lr, (list, tuple)) else [lr] * len(theta)
     total = 0.0
     for xs, ys, xq, yq in tasks:
         phi = theta
         for _ in range(num_steps):
             grads = torch.autograd.grad(F.cross_entropy(forward(phi, xs), ys), phi, create_graph=not first_order)
-            phi = [p - lr * g for p, g in zip(phi, grads)]
+            phi = [p - a * g for p, a, g in zip(phi, lrs, grads)]
         total = total + F.cross_entropy(forward(phi, xq), yq)
-    wrt = theta + ([lr] if isinstance(lr, torch.Tensor) else [])
+    wrt = theta + (list(lr) if isinstance(lr, (list, tuple)) else [lr] if isinstance(lr, torch.Tensor) else [])
     return torch.autograd.grad(total / len(tasks), wrt)
 
 

@@ -19,7 +19,7 @@ from fastmaml.compat import MetaSGD, stack_tasks
 from fastmaml.meta import maml_loss
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_compat import NETS, learn2learn_class, learner_loop_grads, make_tasks  # noqa: E402
+from test_compat import NETS, hand_written_meta_grad, learn2learn_class, learner_loop_grads, make_tasks  # noqa: E402
 
 DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -30,18 +30,6 @@ def random_lrs(model, seed=5):
     return [(0.1 + 0.4 * torch.rand(p.shape, generator=g, dtype=DT)).requires_grad_() for p in model.parameters()]
 
 
-def hand_written(model, forward, tasks, num_steps, lrs, first_order):
-    theta = list(model.parameters())
-    total = 0.0
-    for xs, ys, xq, yq in tasks:
-        phi = theta
-        for _ in range(num_steps):
-            grads = torch.autograd.grad(F.cross_entropy(forward(phi, xs), ys), phi, create_graph=not first_order)
-            phi = [p - a * g for p, a, g in zip(phi, lrs, grads)]
-        total = total + F.cross_entropy(forward(phi, xq), yq)
-    return torch.autograd.grad(total / len(tasks), theta + list(lrs))
-
-
 @pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
 @pytest.mark.parametrize("net", list(NETS))
 def test_meta_gradients_of_weights_and_step_sizes_match_the_hand_written_loop(net, first_order):
@@ -50,7 +38,7 @@ def test_meta_gradients_of_weights_and_step_sizes_match_the_hand_written_loop(ne
     model = build()
     tasks = make_tasks(sample_shape, num_tasks=3)
     lrs = random_lrs(model)
-    expected = hand_written(model, by_hand, tasks, 3, lrs, first_order)
+    expected = hand_written_meta_grad(model, by_hand, tasks, 3, lrs, first_order)
     meta = MetaSGD(model, first_order=first_order, lrs=nn.ParameterList([nn.Parameter(a.detach().clone())
                                                                          for a in lrs]))
     got = learner_loop_grads(meta, tasks, 3)

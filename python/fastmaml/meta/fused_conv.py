@@ -33,8 +33,9 @@ Supported (``plan_for``; anything else goes to the generic path, never an error)
   module whose ``forward`` applies one chain of steps (read by ``torch.fx`` tracing:
   ``fastmaml.meta.fused_conv_trace``; learn2learn's ``ConvBlock`` / ``Lambda`` / ``Flatten``
   style), of ``nn.Conv2d`` (zero padding as numbers, ``"valid"`` or ``"same"`` on odd-sized
-  kernels; any stride and dilation; ``groups = 1``), ``nn.BatchNorm2d`` after a conv (batch statistics are used whatever the flags,
-  as everywhere in the engine; running statistics never touched), ReLU (module or function),
+  kernels; any stride and dilation; ``groups = 1``), ``nn.BatchNorm2d`` after a conv (batch
+  statistics are used whatever the flags, as everywhere in the engine; running statistics never
+  touched), ReLU (module or function),
   2x2 max-pool with stride 2 (no padding / dilation / ceil mode), global average pooling
   (``x.mean((2, 3))``, ``nn.AdaptiveAvgPool2d(1)``), ``nn.Flatten()`` / ``x.view(x.size(0), -1)``
   and other views / reshapes that keep the sample dimension first, ``nn.Identity``, and

@@ -10,7 +10,6 @@ the path to ``phi*``).
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from typing import Callable, Sequence
 
@@ -23,7 +22,7 @@ from .functional import check_losses_finite, without_autocast
 from .hvp import batched_grad, hvp
 from .inner_loop import run_inner_loop
 from .maml import EngineConfig, _per_task, _random_draws, check_meta_gradient_finite, split_inputs
-from .rng import RngLog
+from .rng import RngLog, replaying
 
 
 def batched_cg(matvec: Callable[[list[Tensor]], list[Tensor]], b: Sequence[Tensor], *, max_iter: int = 20,
@@ -130,15 +129,12 @@ class IMAMLGradient(torch.autograd.Function):
         mode = cfg.hvp_mode
 
         def matvec(p):  # (I + H/lam) p
-            if ctx.rng is not None:
-                ctx.rng.replay(len(ctx.rng.states) - 1)
-            with torch.enable_grad():
+            with replaying(ctx.rng, -1), torch.enable_grad():
                 hp, _ = hvp(tm.task_loss, ctx.phi, p, *cfg.support, mode=mode, fd_dtype=cfg.fd_dtype,
                             batching=cfg.batching)
             return task_axpby(p, hp, -1.0 / lam, check_finite=False)
 
-        with ctx.rng.preserved() if ctx.rng is not None else contextlib.nullcontext():
-            x, info = batched_cg(matvec, b, max_iter=ctx.cg_iters, tol=ctx.cg_tol)
+        x, info = batched_cg(matvec, b, max_iter=ctx.cg_iters, tol=ctx.cg_tol)
         cfg.info.update({"cg_" + k: v for k, v in info.items()})
         if bool(info["indefinite"].any()):
             bad = info["indefinite"].nonzero().flatten().tolist()
@@ -154,9 +150,7 @@ class IMAMLGradient(torch.autograd.Function):
         grad_a = [xi.sum(0) for xi in x] if not tm.context else []
         grad_f = []
         if cfg.n_f:
-            with ctx.rng.preserved() if ctx.rng is not None else contextlib.nullcontext(), torch.enable_grad():
-                if ctx.rng is not None:
-                    ctx.rng.replay(len(ctx.rng.states) - 1)
+            with replaying(ctx.rng, -1), torch.enable_grad():
                 _, hf = hvp(tm.task_loss, ctx.phi, x, *cfg.support, fixed=fixed, mode=mode, fd_dtype=cfg.fd_dtype,
                             batching=cfg.batching)
             grad_f = [(_per_task(w, g) * g).sum(0) - h.sum(0) / lam for g, h in zip(gq_f, hf)]

@@ -22,7 +22,6 @@ gradient is ``sum_t w_t (theta - phi_K)``.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from .functional import TaskModel, check_losses_finite, numbering_tasks_from, wi
 from .fused_mlp import LowRank, dense
 from .hvp import batched_grad, fused_plan, hvp, kept_graph_hvp, loop_grad_keep_graph, loop_last_step, resolve_batching
 from .inner_loop import _step_from_shared, detached_step, run_inner_loop
-from .rng import RngLog
+from .rng import RngLog, replaying
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "imaml")
 _EXACT_MODES = ("exact", "forward_over_reverse", "reverse_over_reverse")
@@ -193,9 +192,8 @@ def _backward(ctx, grad_out: Tensor):
         return (None, *[None if rows[0] is None else torch.einsum("t,t...->...", w.to(rows[0].dtype), rows)
                         for rows in ctx.task_grads])
     cfg = ctx.cfg
-    n_a, n_f = cfg.n_a, cfg.n_f
-    saved = ctx.saved_tensors
-    theta_a, fixed, lr_tensors = list(saved[:n_a]), list(saved[n_a:n_a + n_f]), list(saved[n_a + n_f:])
+    n_f = cfg.n_f
+    theta_a, fixed, lr_tensors, per_step = split_inputs(cfg, ctx.saved_tensors)
     w = grad_out.detach()  # [T]
     gq_a, gq_f = ctx.gq
     grad_lr = [None] * len(lr_tensors)
@@ -207,11 +205,9 @@ def _backward(ctx, grad_out: Tensor):
 
     # [T, ...] each (LowRank factors stay factored while only scaled, dotted, summed)
     v = [g.scale(w) if isinstance(g, LowRank) else _per_task(w, g) * g for g in gq_a]
-    per_step = [_resolve_step(s, lr_tensors) for s in cfg.per_step]
     tm = cfg.task_model
     guard = FDGuard() if cfg.hvp_mode in ("fd_forward", "fd_central") else None
-    with ctx.rng.preserved() if ctx.rng is not None else contextlib.nullcontext():
-        v, v_summed = _backward_steps(ctx, cfg, tm, w, v, fixed, per_step, grad_lr, grad_f, guard)
+    v, v_summed = _backward_steps(ctx, cfg, tm, w, v, fixed, per_step, grad_lr, grad_f, guard)
     grad_a = ([vi if v_summed else vi.sum_tasks() if isinstance(vi, LowRank) else vi.sum(0) for vi in v]
               if not tm.context else [])
     lr_out = [None if g is None else g.to(t.dtype) for g, t in zip(grad_lr, lr_tensors)]
@@ -257,10 +253,9 @@ def _backward_steps(ctx, cfg, tm, w, v, fixed, per_step, grad_lr, grad_f, guard)
             ctx.first_graph = None
             hv_a, hv_f = kept_graph_hvp(first_graph, [dense(x) for x in u])
         else:
-            # finite differences are per task anyway: the guard checks them before the sum
-            if ctx.rng is not None:  # the same dropout masks as this step's forward pass
-                ctx.rng.replay(k)
-            with torch.enable_grad():
+            # finite differences are per task anyway: the guard checks them before the sum;
+            # a model with dropout draws this step's forward-pass masks again
+            with replaying(ctx.rng, k), torch.enable_grad():
                 hv_a, hv_f = hvp(tm.task_loss, phi_k, u, *cfg.support, fixed=fixed, mode=cfg.hvp_mode,
                                  saved_grad=(g_k + gf_k) if ctx.fd_reuse else None, fd_dtype=cfg.fd_dtype,
                                  shared_params=shared_k, batching=cfg.batching,

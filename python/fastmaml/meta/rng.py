@@ -61,3 +61,16 @@ class RngLog:
             yield self
         finally:
             self._set(found)
+
+
+@contextlib.contextmanager
+def replaying(log: Optional[RngLog], step: int):
+    """Within the context, the generators stand where they stood before ``step``'s support pass
+    (``-1``: the last step's); on exit, where they stood on entry. A no-op without a log (the
+    forward pass drew nothing)."""
+    if log is None:
+        yield
+        return
+    with log.preserved():
+        log.replay(step)
+        yield
